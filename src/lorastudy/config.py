@@ -1,0 +1,74 @@
+"""Validation of the workflow config against its JSON schema.
+
+Snakemake loads the config; this checks it before any rule is built, fills
+the schema's defaults in place, and raises one error that names every bad
+key by its dotted path (`train.learning_rate`), plus the checks that span
+keys, which a schema cannot express (the grid names models and subsets that
+must be defined).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """The config does not match the schema; the message names the keys."""
+
+
+def _with_defaults(validator_class):
+    # The pattern from jsonschema's FAQ (and Snakemake's own `validate`):
+    # fill defaults while validating, so nested sections get theirs too.
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, _copy(sub["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _copy(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+def _key(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def load_schema(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def validate_config(config: MutableMapping[str, Any], schema_path: str | os.PathLike) -> None:
+    """Check `config` against the schema at `schema_path`, filling defaults."""
+    schema = load_schema(schema_path)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (_key(e), e.message))
+    if errors:
+        lines = [f"  {_key(e)}: {e.message}" for e in errors]
+        raise ConfigError("invalid config:\n" + "\n".join(lines))
+    check_grid(config)
+
+
+def check_grid(config: MutableMapping[str, Any]) -> None:
+    """The grid may only name models and subsets that the config defines."""
+    grid = config["grid"]
+    problems = [
+        f"  grid.models: '{m}' is not defined under models" for m in grid["models"] if m not in config["models"]
+    ] + [
+        f"  grid.subsets: '{s}' is not defined under data.subsets"
+        for s in grid["subsets"]
+        if s not in config["data"]["subsets"]
+    ]
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))

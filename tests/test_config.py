@@ -1,0 +1,92 @@
+"""Config validation: defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from conftest import REPO
+
+from lorastudy.config import ConfigError, validate_config
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((REPO / "config" / name).read_text())
+
+
+def minimal() -> dict:
+    return {
+        "models": {"tiny": {"source": "tiny"}},
+        "grid": {"models": ["tiny"], "subsets": ["1k"], "ranks": [4], "epochs": [1]},
+    }
+
+
+def test_defaults_are_filled_in():
+    config = minimal()
+    validate_config(config, SCHEMA)
+    assert config["data"]["test_size"] == 500
+    assert config["data"]["subsets"] == {"1k": 1000, "5k": 5000, "15k": "all"}
+    assert config["dolly"]["sha256"] == "2df9083338b4abd6bceb5635764dab5d833b393b55759dffb0959b6fcbf794ec"
+    assert config["prompt"]["template"] == "Instruction:\n{instruction}\n\nResponse:\n{response}"
+
+
+@pytest.mark.parametrize(
+    "change, key, message",
+    [
+        (lambda c: c.update(dtaa={}), "(top level)", "'dtaa' was unexpected"),
+        (lambda c: c.setdefault("data", {}).update(seeed=1), "data", "'seeed' was unexpected"),
+        (lambda c: c["grid"].update(ranks=[0]), "grid.ranks.0", "0 is less than the minimum of 1"),
+        (lambda c: c["grid"].update(ranks=[-4]), "grid.ranks.0", "-4 is less than the minimum of 1"),
+        (lambda c: c["grid"].update(epochs=[0]), "grid.epochs.0", "0 is less than the minimum of 1"),
+        (lambda c: c.setdefault("data", {}).update(context="keep"), "data.context", "'keep' is not one of"),
+        (lambda c: c["models"]["tiny"].update(source="hub"), "models.tiny.source", "'hub' is not one of"),
+        (lambda c: c.setdefault("dolly", {}).update(sha256="abc"), "dolly.sha256", "does not match"),
+        (lambda c: c.setdefault("data", {}).update(subsets={"1k": -1}), "data.subsets.1k", "is not valid"),
+    ],
+)
+def test_errors_name_the_key(change, key, message):
+    config = minimal()
+    change(config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert f"  {key}: " in str(error.value)
+    assert message in str(error.value)
+
+
+def test_grid_must_name_defined_models_and_subsets():
+    config = minimal()
+    config["grid"]["models"] = ["tiny", "gemma_9b"]
+    config["grid"]["subsets"] = ["2k"]
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert "grid.models: 'gemma_9b' is not defined under models" in str(error.value)
+    assert "grid.subsets: '2k' is not defined under data.subsets" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+def test_shipped_configs_are_valid(name):
+    validate_config(load(name), SCHEMA)
+
+
+def _snakemake_merge(base: dict, override: dict) -> dict:
+    # Snakemake merges --configfile over the Snakefile's configfile like this.
+    from snakemake.utils import update_config
+
+    merged = copy.deepcopy(base)
+    update_config(merged, override)
+    return merged
+
+
+def test_paper_config_does_not_inherit_the_cpu_defaults():
+    """Every setting config.yaml changes for the CPU is restated in paper.yaml."""
+    merged = _snakemake_merge(load("config.yaml"), load("paper.yaml"))
+    paper_alone = load("paper.yaml")
+    validate_config(merged, SCHEMA)
+    validate_config(paper_alone, SCHEMA)
+    for section in merged:
+        if section != "models":
+            assert merged[section] == paper_alone[section], section
+    assert merged["grid"]["models"] == ["gemma_2b_en", "gemma_7b_en"]

@@ -1,0 +1,59 @@
+"""The data rules through Snakemake itself, and the paper DAG."""
+
+from __future__ import annotations
+
+import shutil
+
+from dolly_like import make_dolly, sha256
+from workflow_helpers import REPO, snakemake, write_config
+
+from lorastudy.io import read_jsonl
+
+
+def data_config(tmp_path, dolly):
+    return {
+        "dolly": {"local_copy": str(dolly), "sha256": sha256(dolly), "size_bytes": None},
+        "data": {"test_size": 24, "val_size": 8, "subsets": {"1k": 40, "5k": 80, "15k": "all"}},
+        "models": {"tiny": {"source": "tiny"}},
+        "grid": {"models": ["tiny"], "subsets": ["1k"], "ranks": [2], "epochs": [1]},
+    }
+
+
+def test_paper_dag_dry_run_needs_no_gpu_or_network(tmp_path):
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "paper.yaml"))
+    assert "download_dolly" in result.stdout and "split" in result.stdout
+
+
+def test_bad_config_stops_the_workflow_naming_the_key(tmp_path):
+    config = data_config(tmp_path, make_dolly(tmp_path / "dolly.jsonl", n=10))
+    config["data"]["val_sise"] = 3
+    result = snakemake(tmp_path, "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config)), check=False)
+    assert result.returncode != 0
+    assert "data: Additional properties are not allowed ('val_sise' was unexpected)" in result.stderr + result.stdout
+
+
+def test_data_rules_run_and_rerun_identically(tmp_path):
+    dolly = make_dolly(tmp_path / "dolly.jsonl", n=300)
+    config = write_config(tmp_path / "c.yaml", data_config(tmp_path, dolly))
+    snakemake(tmp_path, "results/data/split_counts.csv", "--cores", "2", "--configfile", str(config))
+    out = tmp_path / "results" / "data"
+    assert len(read_jsonl(out / "test.jsonl")) == 24
+    assert len(read_jsonl(out / "train_5k.jsonl")) == 80
+    for name in ("download_dolly", "filter_context", "split"):
+        assert (tmp_path / "logs" / "data" / f"{name}.log").is_file()
+    first = {p.name: p.read_bytes() for p in out.glob("*.*")}
+    shutil.rmtree(tmp_path / "results")
+    snakemake(tmp_path, "results/data/split_counts.csv", "--cores", "2", "--configfile", str(config))
+    assert {p.name: p.read_bytes() for p in out.glob("*.*")} == first
+
+
+def test_bad_line_fails_the_job_with_file_and_line_and_no_output(tmp_path):
+    dolly = make_dolly(tmp_path / "dolly.jsonl", n=50)
+    with open(dolly, "a") as f:
+        f.write('{"instruction": "x"}\n')
+    config = write_config(tmp_path / "c.yaml", data_config(tmp_path, dolly))
+    result = snakemake(tmp_path, "results/data/filtered.jsonl", "--cores", "1", "--configfile", str(config), check=False)
+    assert result.returncode != 0
+    log = (tmp_path / "logs" / "data" / "filter_context.log").read_text()
+    assert "line 51: missing field 'context'" in log
+    assert not (tmp_path / "results" / "data" / "filtered.jsonl").exists()
