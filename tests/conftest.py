@@ -35,3 +35,41 @@ def real_dolly() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("KERAS_BACKEND", "jax")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """Dolly-shaped splits: 32 training, 8 validation, 8 test records."""
+    from lorastudy import data
+
+    d = tmp_path_factory.mktemp("tiny_data")
+    make_dolly(d / "raw.jsonl", n=90, seed=1)
+    data.filter_context(d / "raw.jsonl", d / "filtered.jsonl")
+    data.split_dolly(
+        d / "filtered.jsonl", d / "test.jsonl", d / "val.jsonl", {"32": d / "train.jsonl"},
+        d / "counts.csv", {"32": 32}, test_size=8, val_size=8, seed=0,
+    )
+    return {"train": d / "train.jsonl", "val": d / "val.jsonl", "test": d / "test.jsonl"}
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory, tiny_data) -> Path:
+    """A random-weight Gemma preset, its tokenizer trained on the tiny training split."""
+    from lorastudy.models import prepare_model
+
+    dest = tmp_path_factory.mktemp("tiny_model") / "preset"
+    return prepare_model("tiny", {"source": "tiny"}, dest, train_path=tiny_data["train"], sequence_length=64)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """The smoke workflow (config/smoke.yaml), run once with Snakemake, shared by the tests that read it."""
+    from workflow_helpers import snakemake
+    from dolly_like import SMOKE_DATA
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    snakemake(
+        workdir, "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"),
+        env={"LORASTUDY_DOLLY_JSONL": str(SMOKE_DATA)},
+    )
+    return workdir

@@ -53,3 +53,14 @@ def make_dolly(path: Path, n: int = 400, seed: int = 0, context_share: float = 0
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# The smoke workflow's input (config/smoke.yaml), made by this module so that
+# it traces back to code: `python tests/dolly_like.py` rewrites it.
+SMOKE_DATA = Path(__file__).resolve().parents[1] / ".test" / "dolly_like.jsonl"
+SMOKE_RECORDS = 240
+
+if __name__ == "__main__":
+    SMOKE_DATA.parent.mkdir(exist_ok=True)
+    make_dolly(SMOKE_DATA, n=SMOKE_RECORDS, seed=0)
+    print(SMOKE_DATA, sha256(SMOKE_DATA), SMOKE_DATA.stat().st_size)

@@ -90,3 +90,23 @@ def test_paper_config_does_not_inherit_the_cpu_defaults():
         if section != "models":
             assert merged[section] == paper_alone[section], section
     assert merged["grid"]["models"] == ["gemma_2b_en", "gemma_7b_en"]
+
+
+def test_model_overrides_merge_over_the_section():
+    from lorastudy.config import model_settings
+
+    config = minimal()
+    config["models"]["tiny"]["train"] = {"batch_size": 2}
+    validate_config(config, SCHEMA)
+    assert model_settings(config, "tiny", "train")["batch_size"] == 2
+    assert model_settings(config, "tiny", "train")["learning_rate"] == 5e-5
+    assert model_settings(config, "tiny", "generate") == config["generate"]
+
+
+def test_bad_model_override_names_the_key():
+    config = minimal()
+    config["models"]["tiny"]["train"] = {"batch_sise": 2, "learning_rate": -1}
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert "models.tiny.train: Additional properties are not allowed ('batch_sise' was unexpected)" in str(error.value)
+    assert "models.tiny.train.learning_rate: -1 is less than or equal to the minimum of 0" in str(error.value)

@@ -57,7 +57,39 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
     if errors:
         lines = [f"  {_key(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n" + "\n".join(lines))
+    check_model_overrides(config, schema)
     check_grid(config)
+
+
+OVERRIDABLE = ("train", "generate")
+
+
+def model_settings(config: MutableMapping[str, Any], model: str, section: str) -> dict[str, Any]:
+    """The `train` or `generate` settings of one model: the section, then the model's overrides."""
+    return {**config[section], **config["models"][model].get(section, {})}
+
+
+def job_resources(config: MutableMapping[str, Any], model: str, rule: str) -> dict[str, Any]:
+    """What a rule's job for `model` asks for: the resources section, then the model's overrides."""
+    return {**config["resources"][rule], **config["models"][model].get("resources", {}).get(rule, {})}
+
+
+def largest_subset(config: MutableMapping[str, Any]) -> str:
+    """The subset holding every other one (they are nested): 'all' if any, else the biggest."""
+    subsets = config["data"]["subsets"]
+    return max(subsets, key=lambda s: float("inf") if subsets[s] == "all" else subsets[s])
+
+
+def check_model_overrides(config: MutableMapping[str, Any], schema: dict[str, Any]) -> None:
+    """`models.<name>.train` and `.generate` must be valid once merged over their section."""
+    lines = []
+    for name in config["models"]:
+        for section in OVERRIDABLE:
+            validator = jsonschema.Draft202012Validator(schema["properties"][section])
+            for e in validator.iter_errors(model_settings(config, name, section)):
+                lines.append(f"  models.{name}.{section}{'.' if e.absolute_path else ''}{_key(e) if e.absolute_path else ''}: {e.message}")
+    if lines:
+        raise ConfigError("invalid config:\n" + "\n".join(sorted(lines)))
 
 
 def check_grid(config: MutableMapping[str, Any]) -> None:

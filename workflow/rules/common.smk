@@ -1,18 +1,54 @@
 # Config validation, wildcard constraints and input functions. Stage files
-# hold only rules; every path comes from lorastudy.paths.
+# hold only rules; every path comes from lorastudy.paths, and the logic of
+# the input functions lives in lorastudy.config, where it is unit-tested.
 from pathlib import Path
 
 from lorastudy import paths
-from lorastudy.config import validate_config
+from lorastudy.config import job_resources, largest_subset, model_settings, validate_config
 
 validate_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
 
 SUBSETS = list(config["data"]["subsets"])
+GRID = config["grid"]
+# One finetune job trains to the largest epoch count and saves every epoch.
+EPOCHS = list(range(1, max(GRID["epochs"]) + 1))
 
 
 wildcard_constraints:
+    model="|".join(config["models"]),
     subset="|".join(SUBSETS),
+    rank=r"\d+",
+    epoch=r"\d+",
+
+
+def settings(section):
+    return lambda wildcards: model_settings(config, wildcards.model, section)
+
+
+def resource(rule, key):
+    return lambda wildcards: job_resources(config, wildcards.model, rule)[key]
+
+
+def prepare_model_input(wildcards):
+    # The tiny model's tokenizer is trained on the training data (never the test split).
+    if config["models"][wildcards.model]["source"] == "tiny":
+        return {"train": paths.TRAIN.format(subset=largest_subset(config))}
+    return {}
+
+
+def runs(model):
+    """Every run of the grid for one model, and its base model."""
+    return [paths.BASE] + [
+        paths.run_name(subset, rank, epoch)
+        for subset in GRID["subsets"]
+        for rank in GRID["ranks"]
+        for epoch in GRID["epochs"]
+    ]
 
 
 def get_final_output():
-    return [paths.SPLIT_COUNTS]
+    return [
+        paths.generations(run).format(model=model)
+        for model in GRID["models"]
+        for run in runs(model)
+    ]

@@ -1,0 +1,13 @@
+from lorastudy.finetune import finetune
+from lorastudy.logs import logging_to
+
+with logging_to(snakemake.log[0]):
+    finetune(
+        snakemake.input.preset,
+        train_path=snakemake.input.train,
+        val_path=snakemake.input.val,
+        adapter_paths=snakemake.output.adapters,
+        history_path=snakemake.output.history,
+        stats_path=snakemake.output.stats,
+        **snakemake.params,
+    )

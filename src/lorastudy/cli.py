@@ -1,0 +1,49 @@
+"""Command line: ask a model a question, before or after fine-tuning.
+
+    lorastudy ask --model results/models/gemma3_270m_q4km/preset "Name three rivers."
+    lorastudy ask --model results/models/gemma3_270m_q4km/preset \\
+        --adapter results/finetune/gemma3_270m_q4km/1k_r4/adapter_epoch2.lora.h5 "Name three rivers."
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorastudy.prompts import DEFAULT_TEMPLATE, PromptTemplate
+
+
+def ask(args: argparse.Namespace) -> str:
+    from lorastudy.generate import GenerateSettings, Generator, load_for_generation
+
+    settings = GenerateSettings(
+        batch_size=1,
+        max_new_tokens=args.max_new_tokens,
+        sampler=args.sampler,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    generator = Generator(load_for_generation(args.model, args.adapter, settings=settings), settings)
+    (out,) = generator(generator.prompt_ids([PromptTemplate(args.template).prompt(args.prompt)]))
+    return generator.detokenize(out["new_ids"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorastudy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("ask", help="answer one instruction with a model, optionally with a LoRA adapter")
+    p.add_argument("prompt", help="the instruction, as a Dolly record's instruction")
+    p.add_argument("--model", required=True, help="a prepared preset directory (results/models/<name>/preset) or a KerasHub preset")
+    p.add_argument("--adapter", help="an adapter_epoch<e>.lora.h5 written by the finetune stage")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="the prompt template the adapter was trained with")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sampler", choices=["greedy", "top_k"], default="greedy")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(ask(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,479 @@
+"""The finetune stage: LoRA fine-tuning of a KerasHub preset, one adapter per epoch.
+
+One job per (model, subset, rank) trains to the largest epoch count of the
+grid and saves `adapter_epoch{e}.lora.h5` after every epoch, so the epoch axis
+of the grid costs one run. With the default constant learning rate, epoch e
+of that run is exactly a separate e-epoch run; a decaying schedule is laid
+out over the whole run, so there it is not.
+
+The training is KerasHub's own recipe (the Gemma LoRA tutorial):
+`backbone.enable_lora(rank)`, AdamW with weight decay off for layer norms and
+biases, sparse cross-entropy from logits and a weighted accuracy, through
+Keras `fit`. The loss is averaged over the tokens it is weighted on: the
+response tokens by default, every token with `mask_prompt: false`.
+
+An interrupted job resumes: each finished epoch leaves a checkpoint (the
+adapter, the optimizer state, the history so far) that the next run of the
+same job, with the same inputs and settings, continues from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
+from lorastudy.models import default_dtype, load_causal_lm
+from lorastudy.prompts import PromptTemplate
+from lorastudy.tokens import Example, collate, encode_examples, padded_width, plan_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The `train` section of the config (see the schema for each key)."""
+
+    sequence_length: int = 256
+    batch_size: int = 4
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    mask_prompt: bool = True
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_norm: float | None = None
+    seed: int = 0
+    log_every_n_steps: int = 10
+    precision: str = "auto"
+    length_bucketing: bool = True
+    pad_multiple: int = 64
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+# --------------------------------------------------------------------------
+# data feeding
+# --------------------------------------------------------------------------
+
+
+def _pydataset():
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        """Length-bucketed batches; the order is a function of (seed, epoch).
+
+        Making the order depend on the epoch number alone (not on how many
+        epochs this process has run) is what lets a resumed run see the same
+        batches as an uninterrupted one.
+        """
+
+        def __init__(self, examples, settings, pad_id, seed=None):
+            super().__init__()
+            self.examples, self.settings, self.pad_id, self.seed = examples, settings, pad_id, seed
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            rng = None if self.seed is None else np.random.default_rng([self.seed, epoch])
+            lengths = [ex.length for ex in self.examples]
+            self.batches = plan_batches(lengths, self.settings.batch_size, rng, self.settings.length_bucketing)
+
+        def width(self, batch: np.ndarray) -> int:
+            s = self.settings
+            if not s.length_bucketing:
+                return s.sequence_length
+            return padded_width(max(self.examples[i].length for i in batch), s.sequence_length, s.pad_multiple)
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def __getitem__(self, index: int):
+            batch = self.batches[index]
+            return collate([self.examples[i] for i in batch], self.width(batch), self.pad_id)
+
+        def padded_tokens(self) -> int:
+            return sum(len(b) * self.width(b) for b in self.batches)
+
+        def accuracy_weight(self, index: int) -> float:
+            """The weight Keras gives this batch in the epoch's weighted accuracy."""
+            batch = self.batches[index]
+            return float(sum(self.examples[i].loss_weights.sum() for i in batch)) / self.width(batch)
+
+    return Batches
+
+
+# --------------------------------------------------------------------------
+# optimizer and schedule
+# --------------------------------------------------------------------------
+
+
+def learning_rate(settings: TrainSettings, total_steps: int):
+    """A float for `constant` without warm-up, else a Keras schedule."""
+    import keras
+
+    s = settings
+    if s.lr_schedule == "constant" and s.warmup_steps == 0:
+        return s.learning_rate
+
+    @keras.saving.register_keras_serializable("lorastudy")
+    class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+        """Linear warm-up to `peak`, then constant, cosine or linear decay to 0."""
+
+        def __init__(self, peak, warmup_steps, total_steps, decay):
+            self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
+
+        def __call__(self, step):
+            ops = keras.ops
+            step = ops.cast(step, "float32")
+            warm = ops.minimum(1.0, (step + 1.0) / max(1, self.warmup_steps))
+            frac = ops.clip((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0)
+            shape = {"constant": 1.0, "cosine": 0.5 * (1.0 + ops.cos(math.pi * frac)), "linear": 1.0 - frac}
+            return self.peak * warm * shape[self.decay]
+
+        def get_config(self):
+            return dict(peak=self.peak, warmup_steps=self.warmup_steps, total_steps=self.total_steps, decay=self.decay)
+
+    return WarmupDecay(s.learning_rate, s.warmup_steps, total_steps, s.lr_schedule)
+
+
+def make_optimizer(settings: TrainSettings, total_steps: int):
+    import keras
+
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=learning_rate(settings, total_steps),
+        weight_decay=settings.weight_decay,
+        global_clipnorm=settings.clip_norm,
+    )
+    # As in the KerasHub Gemma LoRA tutorial: no decay on norms and biases.
+    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
+    return optimizer
+
+
+def compile_for_training(causal_lm, settings: TrainSettings, total_steps: int):
+    """A plain Keras model over the task's layers, compiled with the study's loss.
+
+    KerasHub's `CausalLM.fit` would route arrays through its preprocessing
+    pipeline (tf.data or grain); the batches here are already tokens, so a
+    functional model over the same layers (same variables) trains on them
+    directly.
+    """
+    import keras
+
+    model = keras.Model(causal_lm.input, causal_lm.output, name="lora_training")
+    model.compile(
+        optimizer=make_optimizer(settings, total_steps),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
+# --------------------------------------------------------------------------
+# checkpoints for resuming
+# --------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """Per-epoch resume state in `<run dir>/checkpoints`, kept out of Snakemake's outputs.
+
+    Snakemake deletes a job's declared outputs before it reruns the job, so
+    the state that resuming needs lives beside them. Each file is written
+    atomically; `state_epoch{e}.json` is written last and marks epoch e done.
+    A fingerprint of the inputs and settings guards against resuming a run
+    whose inputs have changed.
+    """
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.dir, self.fingerprint = directory, fingerprint
+
+    def adapter(self, epoch: int) -> Path:
+        return self.dir / f"adapter_epoch{epoch}.lora.h5"
+
+    def _optimizer(self, epoch: int) -> Path:
+        return self.dir / f"optimizer_epoch{epoch}.npz"
+
+    def _state(self, epoch: int) -> Path:
+        return self.dir / f"state_epoch{epoch}.json"
+
+    def latest(self, max_epoch: int) -> int:
+        """The last epoch with complete, matching state (0 if none)."""
+        for epoch in range(max_epoch, 0, -1):
+            path = self._state(epoch)
+            if path.is_file() and json.loads(path.read_text())["fingerprint"] == self.fingerprint:
+                return epoch
+        return 0
+
+    def save(self, epoch: int, backbone, optimizer, state: dict[str, Any]) -> None:
+        with atomic_path(self.adapter(epoch), suffix=".lora.h5") as tmp:
+            backbone.save_lora_weights(str(tmp))
+        with atomic_path(self._optimizer(epoch), suffix=".npz") as tmp:
+            np.savez(tmp, *[np.asarray(v.numpy()) for v in optimizer.variables])
+        write_json(self._state(epoch), {"fingerprint": self.fingerprint, "epoch": epoch, **state})
+        for old in range(1, epoch):
+            self._optimizer(old).unlink(missing_ok=True)
+
+    def restore(self, epoch: int, backbone, model) -> dict[str, Any]:
+        backbone.load_lora_weights(str(self.adapter(epoch)))
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+        with np.load(self._optimizer(epoch)) as saved:
+            for i, variable in enumerate(optimizer.variables):
+                variable.assign(saved[f"arr_{i}"])
+        return json.loads(self._state(epoch).read_text())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def fingerprint(*parts: Any, files: Sequence[str | os.PathLike] = ()) -> str:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# callbacks
+# --------------------------------------------------------------------------
+
+
+def _callbacks(run):
+    import keras
+
+    class Trainer(keras.callbacks.Callback):
+        """Orders the batches, logs history, times training, saves each epoch.
+
+        Keras reports running means over the epoch: of the loss weighted by
+        batch size, of the accuracy weighted by loss tokens over batch width
+        (Keras's weighted metrics average each row over its positions). The windowed means
+        of the step history are recovered from them exactly: the mean over
+        steps a..b is (W_b * m_b - W_a * m_a) / (W_b - W_a), W the cumulative
+        weight.
+        """
+
+        def on_epoch_begin(self, epoch, logs=None):
+            run.train_batches.set_epoch(epoch)
+            self.epoch_start, self.val_seconds = time.perf_counter(), 0.0
+            self.rows = self.tokens = 0.0
+            self.last = (0.0, 0.0, 0.0, 0.0)  # rows, tokens, loss mean, accuracy mean
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.rows += run.train_batches.batches[batch].size
+            self.tokens += run.train_batches.accuracy_weight(batch)
+            if (batch + 1) % run.settings.log_every_n_steps:
+                return
+            epoch = run.epochs_done + 1
+            loss, acc = _finite(logs, "loss", epoch, batch + 1), float(logs["accuracy"])
+            rows0, tokens0, loss0, acc0 = self.last
+            row = {
+                "epoch": epoch,
+                "step": run.steps_before_epoch + batch + 1,
+                "kind": "steps",
+                "loss": (self.rows * loss - rows0 * loss0) / (self.rows - rows0),
+                "accuracy": (self.tokens * acc - tokens0 * acc0) / max(self.tokens - tokens0, 1e-9),
+            }
+            self.last = (self.rows, self.tokens, loss, acc)
+            run.history.append(row)
+            log.info("epoch %d step %d: loss %.4f accuracy %.4f", epoch, row["step"], row["loss"], row["accuracy"])
+
+        def on_test_begin(self, logs=None):
+            self.val_start = time.perf_counter()
+
+        def on_test_end(self, logs=None):
+            self.val_seconds += time.perf_counter() - self.val_start
+
+        def on_epoch_end(self, epoch, logs=None):
+            run.train_seconds += time.perf_counter() - self.epoch_start - self.val_seconds
+            e = epoch + 1
+            _finite(logs, "loss", e, "end")
+            _finite(logs, "val_loss", e, "end")
+            run.epochs_done = e
+            run.steps_before_epoch += len(run.train_batches)
+            run.history.append(
+                {"epoch": e, "step": run.steps_before_epoch, "kind": "epoch", **{k: float(v) for k, v in logs.items()}}
+            )
+            run.save_epoch(e)
+
+    return Trainer()
+
+
+def _finite(logs, key, epoch, step) -> float:
+    value = float(logs[key])
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"{key} became {value} in epoch {epoch} (step {step}); training stopped and no adapter "
+            "was written for this epoch. Lower train.learning_rate or set train.clip_norm."
+        )
+    return value
+
+
+# --------------------------------------------------------------------------
+# the job
+# --------------------------------------------------------------------------
+
+
+class _Run:
+    """State of one finetune job, shared by the callback and the driver."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.epochs_done = 0
+        self.steps_before_epoch = 0
+
+    def save_epoch(self, epoch: int) -> None:
+        state = {
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "steps": self.steps_before_epoch,
+        }
+        self.checkpoints.save(epoch, self.backbone, self.model.optimizer, state)
+        _publish(self.checkpoints.adapter(epoch), self.adapter_paths[epoch - 1])
+        log.info("epoch %d: adapter saved to %s", epoch, self.adapter_paths[epoch - 1])
+
+
+def _publish(source: Path, dest: str | os.PathLike) -> None:
+    with atomic_path(dest, suffix=".lora.h5") as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def peak_memory() -> dict[str, int | None]:
+    """Peak device memory (GPU; None on a CPU) and peak host resident memory."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {
+        "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
+        "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def finetune(
+    preset: str | os.PathLike,
+    train_path: str | os.PathLike,
+    val_path: str | os.PathLike,
+    adapter_paths: Sequence[str | os.PathLike],
+    history_path: str | os.PathLike,
+    stats_path: str | os.PathLike,
+    rank: int,
+    template: str,
+    settings: dict[str, Any] | TrainSettings | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `preset` with LoRA of `rank`, one epoch per entry of `adapter_paths`.
+
+    Writes `adapter_paths[e - 1]` after epoch e, the history CSV at the end,
+    and `stats_path` (train.json): parameters, tokens, time, throughput and
+    peak memory. Returns those statistics.
+    """
+    import jax
+    import keras
+
+    s = settings if isinstance(settings, TrainSettings) else TrainSettings(**(settings or {}))
+    epochs = len(adapter_paths)
+    dtype = default_dtype(s.precision)
+    keras.utils.set_random_seed(s.seed)
+    started = time.perf_counter()
+
+    causal_lm = load_causal_lm(preset, dtype=dtype)
+    backbone = causal_lm.backbone
+    backbone.enable_lora(rank)
+    tokenizer = causal_lm.preprocessor.tokenizer
+    prompt = PromptTemplate(template)
+    train, train_counts = encode_examples(tokenizer, read_jsonl(train_path), prompt, s.sequence_length, s.mask_prompt)
+    val, val_counts = encode_examples(tokenizer, read_jsonl(val_path), prompt, s.sequence_length, s.mask_prompt)
+    log.info("training examples: %s; validation examples: %s", train_counts, val_counts)
+    if train_counts["truncated"]:
+        log.warning("%d of %d training records exceed %d tokens and were truncated", train_counts["truncated"], len(train), s.sequence_length)
+
+    Batches = _pydataset()
+    pad_id = tokenizer.pad_token_id
+    train_batches = Batches(train, s, pad_id, seed=s.seed)
+    val_batches = Batches(val, s, pad_id, seed=None)
+    model = compile_for_training(causal_lm, s, total_steps=epochs * len(train_batches))
+
+    run_dir = Path(adapter_paths[0]).parent
+    checkpoints = Checkpoints(
+        run_dir / "checkpoints",
+        fingerprint(str(preset), rank, template, dataclasses.asdict(s), dtype, files=[train_path, val_path, Path(preset) / "config.json"]),
+    )
+    run = _Run(
+        settings=s, backbone=backbone, model=model, train_batches=train_batches,
+        checkpoints=checkpoints, adapter_paths=adapter_paths,
+    )
+    resumed_from = checkpoints.latest(epochs)
+    if resumed_from:
+        state = checkpoints.restore(resumed_from, backbone, model)
+        run.history, run.train_seconds, run.steps_before_epoch = state["history"], state["train_seconds"], state["steps"]
+        run.epochs_done = resumed_from
+        for e in range(1, resumed_from + 1):
+            _publish(checkpoints.adapter(e), adapter_paths[e - 1])
+        log.info("resuming after epoch %d of %d from %s", resumed_from, epochs, checkpoints.dir)
+
+    if resumed_from < epochs:
+        model.fit(
+            train_batches,
+            validation_data=val_batches,
+            epochs=epochs,
+            initial_epoch=resumed_from,
+            callbacks=[_callbacks(run)],
+            # One line per epoch: the step-by-step bar is terminal control codes in a log file.
+            verbose=2,
+        )
+
+    tokens_per_epoch = sum(ex.length for ex in train)
+    trained_epochs = epochs - resumed_from
+    stats = {
+        "preset": str(preset),
+        "rank": rank,
+        "epochs": epochs,
+        "resumed_from_epoch": resumed_from,
+        "dtype": dtype,
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "trainable_parameters": int(sum(math.prod(v.shape) for v in model.trainable_weights)),
+        "total_parameters": int(backbone.count_params()),
+        "training_examples": len(train),
+        "truncated_examples": train_counts["truncated"],
+        "skipped_examples": train_counts["skipped"],
+        "validation_examples": len(val),
+        "steps": run.steps_before_epoch,
+        "tokens_seen": tokens_per_epoch * epochs,
+        "loss_tokens_seen": int(sum(ex.loss_weights.sum() for ex in train)) * epochs,
+        "padded_tokens_per_epoch": train_batches.padded_tokens(),
+        "train_seconds": run.train_seconds,
+        "tokens_per_second": tokens_per_epoch * epochs / run.train_seconds if run.train_seconds else None,
+        "wall_seconds_this_run": time.perf_counter() - started,
+        "epochs_trained_this_run": trained_epochs,
+        **peak_memory(),
+    }
+    write_history(history_path, run.history)
+    write_json(stats_path, stats)
+    checkpoints.clear()
+    log.info("finished: %s", stats)
+    return stats
+
+
+HISTORY_COLUMNS = ["epoch", "step", "kind", "loss", "accuracy", "val_loss", "val_accuracy"]
+
+
+def write_history(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """Training history: `steps` rows (windowed means) and `epoch` rows (epoch means, validation)."""
+    with atomic_open(path) as f:
+        f.write(",".join(HISTORY_COLUMNS) + "\n")
+        for row in rows:
+            f.write(",".join("" if row.get(c) is None else str(row[c]) for c in HISTORY_COLUMNS) + "\n")

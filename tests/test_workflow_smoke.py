@@ -1,0 +1,52 @@
+"""The smoke workflow end to end: every stage, offline, on a CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from dolly_like import SMOKE_DATA, SMOKE_RECORDS, make_dolly, sha256
+from workflow_helpers import REPO
+
+from lorastudy.io import read_jsonl
+
+pytestmark = pytest.mark.slow
+SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+
+
+def test_smoke_data_is_what_the_generator_makes(tmp_path):
+    fresh = make_dolly(tmp_path / "d.jsonl", n=SMOKE_RECORDS, seed=0)
+    assert fresh.read_bytes() == SMOKE_DATA.read_bytes()
+    assert SMOKE["dolly"]["sha256"] == sha256(SMOKE_DATA)
+    assert SMOKE["dolly"]["size_bytes"] == SMOKE_DATA.stat().st_size
+
+
+def test_one_adapter_per_epoch_and_plausible_training_records(smoke_run):
+    grid = SMOKE["grid"]
+    for subset in grid["subsets"]:
+        for rank in grid["ranks"]:
+            run = smoke_run / "results" / "finetune" / "tiny" / f"{subset}_r{rank}"
+            assert sorted(p.name for p in run.glob("*.lora.h5")) == [f"adapter_epoch{e}.lora.h5" for e in grid["epochs"]]
+            stats = json.loads((run / "train.json").read_text())
+            assert stats["rank"] == rank and stats["training_examples"] == SMOKE["data"]["subsets"][subset]
+            history = list(csv.DictReader(open(run / "history.csv")))
+            assert [int(r["epoch"]) for r in history if r["kind"] == "epoch"] == grid["epochs"]
+            assert all(r["val_loss"] for r in history if r["kind"] == "epoch")
+
+
+def test_generations_for_every_run_and_the_base_model(smoke_run):
+    grid = SMOKE["grid"]
+    runs = ["base"] + [f"{s}_r{r}_epoch{e}" for s in grid["subsets"] for r in grid["ranks"] for e in grid["epochs"]]
+    test_ids = [r["id"] for r in read_jsonl(smoke_run / "results" / "data" / "test.jsonl")]
+    for run in runs:
+        rows = read_jsonl(smoke_run / "results" / "generate" / "tiny" / run / "generations.jsonl")
+        assert [r["id"] for r in rows] == test_ids, run
+        assert all(r["new_tokens"] <= SMOKE["generate"]["max_new_tokens"] for r in rows)
+
+
+def test_every_job_has_a_log_and_the_expensive_ones_a_benchmark(smoke_run):
+    logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
+    assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32_r2.log", "generate/tiny/base.log"} <= logs
+    assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64_r4.tsv").is_file()
