@@ -304,7 +304,13 @@ def _callbacks(run):
             run.epochs_done = e
             run.steps_before_epoch += len(run.train_batches)
             run.history.append(
-                {"epoch": e, "step": run.steps_before_epoch, "kind": "epoch", **{k: float(v) for k, v in logs.items()}}
+                {
+                    "epoch": e,
+                    "step": run.steps_before_epoch,
+                    "kind": "epoch",
+                    "train_seconds": run.train_seconds,
+                    **{k: float(v) for k, v in logs.items()},
+                }
             )
             run.save_epoch(e)
 
@@ -447,6 +453,7 @@ def finetune(
         "backend": jax.default_backend(),
         "trainable_parameters": int(sum(math.prod(v.shape) for v in model.trainable_weights)),
         "total_parameters": int(backbone.count_params()),
+        "training_records": train_counts["records"],
         "training_examples": len(train),
         "truncated_examples": train_counts["truncated"],
         "skipped_examples": train_counts["skipped"],
@@ -468,11 +475,12 @@ def finetune(
     return stats
 
 
-HISTORY_COLUMNS = ["epoch", "step", "kind", "loss", "accuracy", "val_loss", "val_accuracy"]
+HISTORY_COLUMNS = ["epoch", "step", "kind", "loss", "accuracy", "val_loss", "val_accuracy", "train_seconds"]
 
 
 def write_history(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
-    """Training history: `steps` rows (windowed means) and `epoch` rows (epoch means, validation)."""
+    """Training history: `steps` rows (windowed means) and `epoch` rows (epoch means,
+    validation, and the training seconds spent up to the end of the epoch)."""
     with atomic_open(path) as f:
         f.write(",".join(HISTORY_COLUMNS) + "\n")
         for row in rows:

@@ -78,9 +78,10 @@ class Generator:
     def __init__(self, causal_lm, settings: GenerateSettings):
         self.tokenizer = causal_lm.preprocessor.tokenizer
         self.settings = settings
-        self.causal_lm = causal_lm
-        # Without a preprocessor, `generate` takes and returns token ids.
-        causal_lm.preprocessor = None
+        # KerasHub's compiled generation loop, called on token ids directly: the
+        # tokens are prepared here, as in training, and `CausalLM.generate`
+        # would only wrap pre- and post-processing around this same function.
+        self.generate_function = causal_lm.make_generate_function()
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         return [[self.tokenizer.start_token_id, *ids] for ids in token_lists(self.tokenizer, prompts)]
@@ -107,7 +108,7 @@ class Generator:
         for r, ids in enumerate(rows):
             token_ids[r, : len(ids)] = ids
             padding_mask[r, : len(ids)] = True
-        output = self.causal_lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=(eos,))
+        output = self.generate_function({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=(eos,))
         generated = np.asarray(output["token_ids"])
         results = []
         for r, ids in enumerate(rows):

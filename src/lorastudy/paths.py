@@ -46,3 +46,35 @@ def log(stage: str, name: str) -> str:
 def benchmark(stage: str, name: str) -> str:
     """Snakemake's per-job resource measurements (wall time, peak RSS)."""
     return f"benchmarks/{stage}/{name}.tsv"
+
+
+def scores(run: str = "{run}") -> dict[str, str]:
+    """The score stage's files for one run."""
+    root = f"results/score/{{model}}/{run}"
+    return {
+        "per_example": f"{root}/rouge_per_example.csv",
+        "summary": f"{root}/rouge.json",
+        "by_category": f"{root}/rouge_by_category.csv",
+    }
+
+
+SUMMARY = "results/summary.csv"
+SUMMARY_BY_CATEGORY = "results/rouge_by_category.csv"
+FIGURES = "reports/figures"
+REPORT = "reports/report.html"
+
+# The figures of the report; each is written as PNG and PDF under FIGURES.
+FIGURE_NAMES = (
+    "rougeL_vs_rank",
+    "rougeL_vs_epochs",
+    "rougeL_vs_training_size",
+    "rougeL_rank_epoch_heatmap",
+    "loss_curves",
+    "rougeL_vs_trainable_parameters",
+    "rougeL_vs_training_time",
+    "rougeL_by_category",
+)
+
+
+def figure(name: str, ext: str) -> str:
+    return f"{FIGURES}/{name}.{ext}"

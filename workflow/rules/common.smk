@@ -19,6 +19,7 @@ wildcard_constraints:
     subset="|".join(SUBSETS),
     rank=r"\d+",
     epoch=r"\d+",
+    run=rf"{paths.BASE}|({'|'.join(SUBSETS)})_r\d+_epoch\d+",
 
 
 def settings(section):
@@ -36,19 +37,30 @@ def prepare_model_input(wildcards):
     return {}
 
 
-def runs(model):
-    """Every run of the grid for one model, and its base model."""
-    return [paths.BASE] + [
-        paths.run_name(subset, rank, epoch)
-        for subset in GRID["subsets"]
-        for rank in GRID["ranks"]
-        for epoch in GRID["epochs"]
-    ]
+# Every scored run of the grid: each model's base, then its fine-tuned runs.
+RUNS = [
+    {"model": model, "run": paths.BASE} for model in GRID["models"]
+] + [
+    {"model": model, "run": paths.run_name(subset, rank, epoch), "subset": subset, "rank": rank, "epoch": epoch}
+    for model in GRID["models"]
+    for subset in GRID["subsets"]
+    for rank in GRID["ranks"]
+    for epoch in GRID["epochs"]
+]
+FINETUNE_JOBS = sorted({(r["model"], r["subset"], r["rank"]) for r in RUNS if r["run"] != paths.BASE})
+
+
+def run_files(pattern):
+    return [pattern.format(model=r["model"], run=r["run"]) for r in RUNS]
+
+
+def finetune_files(pattern):
+    return [pattern.format(model=m, subset=s, rank=k) for m, s, k in FINETUNE_JOBS]
+
+
+def figure_files(ext):
+    return [paths.figure(name, ext) for name in paths.FIGURE_NAMES]
 
 
 def get_final_output():
-    return [
-        paths.generations(run).format(model=model)
-        for model in GRID["models"]
-        for run in runs(model)
-    ]
+    return [paths.SUMMARY, paths.REPORT, *figure_files("png"), *figure_files("pdf")]

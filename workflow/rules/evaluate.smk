@@ -46,3 +46,16 @@ rule generate:
         gpu=resource("generate", "gpu"),
     script:
         "../../scripts/generate.py"
+
+
+rule score:
+    input:
+        paths.generations(),
+    output:
+        **paths.scores(),
+    log:
+        paths.log("score", "{model}/{run}"),
+    params:
+        **config["score"],
+    script:
+        "../../scripts/score.py"

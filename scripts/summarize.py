@@ -1,0 +1,9 @@
+from lorastudy.logs import logging_to
+from lorastudy.summary import summarize
+
+with logging_to(snakemake.log[0]):
+    summarize(
+        summary_path=snakemake.output.summary,
+        by_category_path=snakemake.output.by_category,
+        **snakemake.params,
+    )

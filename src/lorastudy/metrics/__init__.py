@@ -1,0 +1,1 @@
+"""Evaluation modules loaded with `evaluate.load(<directory>)`, pinned with the package."""

@@ -1,0 +1,184 @@
+"""The report stage: one self-contained HTML file that opens offline.
+
+Figures are embedded as data URIs, so the file can be mailed or archived on
+its own. It states what was asked, how (data counts, grid, settings,
+hardware, software versions, the git commit and a hash of the config), what
+came out (the summary table, the best run per model with its interval, the
+figures, ROUGE-L per category) and shows answers side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from lorastudy import paths
+from lorastudy.io import atomic_open, read_jsonl
+from lorastudy.plots import read_summary
+from lorastudy.summary import best_runs
+
+log = logging.getLogger(__name__)
+
+SOFTWARE = ("lorastudy", "keras", "keras-hub", "jax", "jaxlib", "numpy", "pandas", "matplotlib", "evaluate", "rouge-score", "snakemake", "sentencepiece")
+CAPTIONS = {
+    "rougeL_vs_rank": "ROUGE-L against LoRA rank, one line per epoch count, per model and training subset.",
+    "rougeL_vs_epochs": "ROUGE-L against epochs, one line per LoRA rank, per model and training subset.",
+    "rougeL_vs_training_size": "ROUGE-L against the number of training records, one line per rank, at the grid's last epoch.",
+    "rougeL_rank_epoch_heatmap": "ROUGE-L by LoRA rank and epochs, per model and subset, on one colour scale.",
+    "loss_curves": "Training loss (means over windows of steps) and validation loss (per epoch).",
+    "rougeL_vs_trainable_parameters": "ROUGE-L against the number of trainable (LoRA) parameters, every run.",
+    "rougeL_vs_training_time": "ROUGE-L against the training time needed to reach each run's epoch.",
+    "rougeL_by_category": "ROUGE-L per Dolly category: each model's base against its best run.",
+}
+SUMMARY_COLUMNS = {
+    "model": "model",
+    "run": "run",
+    "training_records": "records",
+    "rank": "rank",
+    "epoch": "epoch",
+    "trainable_parameters": "trainable params",
+    "train_seconds": "train s",
+    "tokens_per_second": "tokens/s",
+    "rouge1_mean": "ROUGE-1",
+    "rouge2_mean": "ROUGE-2",
+    "rougeL_mean": "ROUGE-L",
+    "rougeL_low": "ROUGE-L low",
+    "rougeL_high": "ROUGE-L high",
+    "rougeLsum_mean": "ROUGE-Lsum",
+    "rougeL_diff": "Δ ROUGE-L vs base",
+    "rougeL_diff_low": "Δ low",
+    "rougeL_diff_high": "Δ high",
+}
+
+
+def git_commit(repo: str | os.PathLike) -> str:
+    """The checkout's commit, with '+dirty' for uncommitted changes; 'unknown' outside git."""
+    try:
+        run = lambda *args: subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        commit = run("rev-parse", "HEAD")
+        return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def data_uri(png: str | os.PathLike) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode("ascii")
+
+
+def _table(frame: pd.DataFrame, **kwargs) -> str:
+    return frame.to_html(index=False, border=0, classes="table", na_rep="", float_format=lambda x: f"{x:.4g}", **kwargs)
+
+
+def _summary_table(summary: pd.DataFrame) -> str:
+    table = summary[[c for c in SUMMARY_COLUMNS if c in summary]].rename(columns=SUMMARY_COLUMNS)
+    for c in ("rank", "epoch", "records", "trainable params"):
+        if c in table:
+            # Whole numbers, and blank (not <NA>) on the base rows.
+            table[c] = [("" if pd.isna(v) else str(int(v))) for v in table[c]]
+    return _table(table)
+
+
+def _answers(runs: Sequence[dict], best: pd.DataFrame, per_category: int) -> list[dict[str, Any]]:
+    """For each model: test prompts of every category with reference, base and best answers."""
+    out = []
+    for _, b in best.iterrows():
+        read = lambda run: read_jsonl(paths.generations(run).format(model=b["model"]))  # noqa: E731
+        base = {r["id"]: r for r in read(paths.BASE)}
+        examples = []
+        for row in sorted(read(b["run"]), key=lambda r: (r["category"], r["id"])):
+            if sum(e["category"] == row["category"] for e in examples) < per_category:
+                examples.append({**row, "base": base[row["id"]]["prediction"]})
+        out.append({"model": b["model"], "run": b["run"], "examples": examples})
+    return out
+
+
+def _training_jobs(runs: Sequence[dict]) -> pd.DataFrame:
+    """One row per finetune job: what it trained on, where, how fast."""
+    jobs = sorted({(r["model"], r["subset"], int(r["rank"])) for r in runs if r["run"] != paths.BASE})
+    rows = []
+    for model, subset, rank in jobs:
+        s = json.loads(Path(paths.TRAIN_STATS.format(model=model, subset=subset, rank=rank)).read_text())
+        peak = s["peak_device_memory_bytes"] or s["peak_host_memory_bytes"]
+        rows.append(
+            {
+                "model": model, "subset": subset, "rank": rank,
+                "records": s["training_records"], "truncated": s["truncated_examples"], "skipped": s["skipped_examples"],
+                "device": f"{s['device']} ({s['backend']}, {s['dtype']})",
+                "tokens/s": s["tokens_per_second"], "train s": s["train_seconds"],
+                "peak memory GiB": peak / 2**30,
+                "memory": "device" if s["peak_device_memory_bytes"] else "host RSS",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def render_report(
+    summary_path: str | os.PathLike,
+    by_category_path: str | os.PathLike,
+    split_counts_path: str | os.PathLike,
+    runs: Sequence[dict],
+    figures: Mapping[str, str | os.PathLike],
+    config: Mapping[str, Any],
+    out_path: str | os.PathLike,
+    repo: str | os.PathLike = ".",
+    examples_per_category: int = 2,
+) -> None:
+    """Write the HTML report from the summary, figures and generations."""
+    summary = read_summary(summary_path)
+    by_category = pd.read_csv(by_category_path, dtype={"run": str})
+    best = best_runs(summary)
+    pivot = (
+        by_category[by_category.apply(lambda r: r["run"] in (paths.BASE, *best.loc[best["model"] == r["model"], "run"]), axis=1)]
+        .assign(column=lambda f: f["model"] + " · " + f["run"])
+        .pivot(index="category", columns="column", values="rougeL")
+        .reset_index()
+    )
+    tiny = [m for m in config["grid"]["models"] if config["models"][m]["source"] == "tiny"]
+    context = {
+        "config": config,
+        "tiny": tiny,
+        "split_counts": _table(pd.read_csv(split_counts_path)),
+        "summary": _summary_table(summary),
+        "best": best.to_dict("records"),
+        "figures": [{"name": n, "uri": data_uri(p), "caption": CAPTIONS[n]} for n, p in figures.items()],
+        "by_category": _table(pivot),
+        "answers": _answers(runs, best, examples_per_category),
+        "training": _table(_training_jobs(runs)),
+        "software": software_versions(),
+        "commit": git_commit(repo),
+        "config_hash": config_hash(config),
+        "config_json": json.dumps(config, indent=2, sort_keys=True, default=str),
+    }
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("lorastudy", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    html = env.get_template("report.html.j2").render(**context)
+    with atomic_open(out_path) as f:
+        f.write(html)
+    log.info("report written to %s (%d figures, %d runs)", out_path, len(figures), len(summary))

@@ -1,0 +1,101 @@
+"""The score stage: ROUGE per example, means with bootstrap intervals, per category.
+
+ROUGE-1, -2, -L and -Lsum F-measures per example come from `evaluate`'s
+ROUGE interface over Google's rouge-score, with stemming. A mean's 95%
+interval is a seeded percentile bootstrap over the test examples; a run's
+difference to the base model is a paired bootstrap (the same resampled
+examples for both), so the interval reflects only how the two differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lorastudy.io import atomic_open, read_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@lru_cache(maxsize=1)
+def rouge_metric():
+    """The ROUGE evaluation module shipped with this package (see metrics/rouge/rouge.py)."""
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).parent / "metrics" / "rouge"))
+
+
+def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> pd.DataFrame:
+    """One row per example, one column per ROUGE type (F-measure, stemmed)."""
+    scores = rouge_metric().compute(
+        predictions=list(predictions), references=list(references), rouge_types=list(ROUGE_TYPES),
+        use_aggregator=False, use_stemmer=True,
+    )
+    return pd.DataFrame({key: scores[key] for key in ROUGE_TYPES})
+
+
+def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
+    """[samples, n] resampled example indices; the same seed gives the same resamples."""
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def mean_interval(values: np.ndarray, indices: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
+    """Mean and percentile-bootstrap interval of `values` over resamples `indices`."""
+    values = np.asarray(values, dtype=float)
+    means = values[indices].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"mean": float(values.mean()), "low": float(low), "high": float(high)}
+
+
+def score_generations(
+    generations_path: str | os.PathLike,
+    per_example_path: str | os.PathLike,
+    summary_path: str | os.PathLike,
+    by_category_path: str | os.PathLike,
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score one run's generations; write per-example, summary and per-category files."""
+    rows = read_jsonl(generations_path)
+    if not rows:
+        raise ValueError(f"{generations_path}: no generations to score")
+    frame = pd.DataFrame({"id": [r["id"] for r in rows], "category": [r["category"] for r in rows]})
+    scores = rouge_per_example([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    frame = pd.concat([frame, scores], axis=1)
+    indices = bootstrap_indices(len(frame), bootstrap_samples, seed)
+    summary = {
+        "examples": len(frame),
+        "bootstrap_samples": bootstrap_samples,
+        "confidence": confidence,
+        **{key: mean_interval(frame[key].to_numpy(), indices, confidence) for key in ROUGE_TYPES},
+    }
+    by_category = frame.groupby("category")[list(ROUGE_TYPES)].mean().assign(examples=frame.groupby("category").size())
+    with atomic_open(per_example_path) as f:
+        frame.to_csv(f, index=False, float_format="%.6f")
+    with atomic_open(by_category_path) as f:
+        by_category.reset_index().to_csv(f, index=False, float_format="%.6f")
+    write_json(summary_path, summary)
+    log.info("%s: %s", generations_path, {k: round(summary[k]["mean"], 4) for k in ROUGE_TYPES})
+    return summary
+
+
+def paired_difference(
+    run: pd.DataFrame, base: pd.DataFrame, key: str, samples: int, seed: int, confidence: float = 0.95
+) -> dict[str, float]:
+    """Mean of run − base over the same examples, with a paired-bootstrap interval."""
+    merged = run[["id", key]].merge(base[["id", key]], on="id", suffixes=("", "_base"), validate="one_to_one")
+    if len(merged) != len(run) or len(merged) != len(base):
+        raise ValueError("a run and its base model were scored on different test examples")
+    diff = (merged[key] - merged[f"{key}_base"]).to_numpy()
+    return mean_interval(diff, bootstrap_indices(len(diff), samples, seed), confidence)

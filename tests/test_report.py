@@ -1,0 +1,127 @@
+"""The summary, the figures and the HTML report, from the smoke workflow."""
+
+from __future__ import annotations
+
+import base64
+import html.parser
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from workflow_helpers import REPO, snakemake
+
+from lorastudy import paths
+
+pytestmark = pytest.mark.slow
+SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+RUNS = ["base"] + [f"{s}_r{r}_epoch{e}" for s in SMOKE["grid"]["subsets"] for r in SMOKE["grid"]["ranks"] for e in SMOKE["grid"]["epochs"]]
+
+
+class _Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.ids, self.text = [], set(), []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page
+
+
+def test_summary_has_every_run_and_base(smoke_run):
+    summary = pd.read_csv(smoke_run / paths.SUMMARY, dtype={"subset": str})
+    assert sorted(summary["run"]) == sorted(RUNS)
+    tuned = summary[summary["run"] != "base"]
+    assert tuned[["trainable_parameters", "train_seconds", "tokens_per_second", "rougeL_diff_low"]].notna().all().all()
+    assert (tuned["training_records"] == tuned["subset"].map({k: int(v) for k, v in SMOKE["data"]["subsets"].items()})).all()
+    assert ((summary["rougeL_low"] <= summary["rougeL_mean"]) & (summary["rougeL_mean"] <= summary["rougeL_high"])).all()
+    assert summary.loc[summary["run"] == "base", "rougeL_diff"].isna().all()
+
+
+def test_every_figure_is_written_as_png_and_pdf(smoke_run):
+    for name in paths.FIGURE_NAMES:
+        assert (smoke_run / paths.figure(name, "png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (smoke_run / paths.figure(name, "pdf")).read_bytes()[:5] == b"%PDF-"
+
+
+def test_report_is_html_that_embeds_every_figure_and_shows_the_summary(smoke_run):
+    report = smoke_run / paths.REPORT
+    page = _parse(report)
+    assert len(page.images) == len(paths.FIGURE_NAMES)
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+    assert set(paths.FIGURE_NAMES) <= page.ids
+    text = " ".join(page.text)
+    summary = pd.read_csv(smoke_run / paths.SUMMARY)
+    for value in summary["rougeL_mean"]:
+        assert f"{value:.4g}" in text
+    assert "Plumbing test, not a result" in text
+    assert "git commit" in text and "config sha256" in text
+    assert "http" not in "".join(page.images)  # opens offline: nothing is fetched
+
+
+def _finished_results(src: Path, dest: Path) -> None:
+    """What a paper's frozen results hold: scores, training records, generations; no model or adapter."""
+    keep = ["results/score", "results/generate"]
+    for d in keep:
+        shutil.copytree(src / d, dest / d)
+    for f in [paths.SPLIT_COUNTS, *[str(p.relative_to(src)) for p in (src / "results/finetune").rglob("*") if p.suffix in (".json", ".csv")]]:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / f, dest / f)
+
+
+def test_figures_and_report_rebuild_from_scores_alone(smoke_run, tmp_path):
+    _finished_results(smoke_run, tmp_path)
+    assert not list(tmp_path.rglob("*.lora.h5")) and not (tmp_path / "results" / "models").exists()
+    result = snakemake(tmp_path, "--cores", "1", "--configfile", str(REPO / "config" / "smoke.yaml"), "--config", "from_scores=True")
+    assert "finetune" not in result.stdout and "generate" not in result.stdout
+    assert (tmp_path / paths.SUMMARY).read_text() == (smoke_run / paths.SUMMARY).read_text()
+    for name in paths.FIGURE_NAMES:
+        assert (tmp_path / paths.figure(name, "png")).is_file()
+    assert len(_parse(tmp_path / paths.REPORT).images) == len(paths.FIGURE_NAMES)
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("LORASTUDY_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed, and .ci/run requires this test")
+        pytest.skip("Debian's chromium is not installed here (.ci/run installs it and requires this test)")
+    return path
+
+
+def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
+    from PIL import Image, ImageStat
+
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,4000",
+            f"--screenshot={shot}", (smoke_run / paths.REPORT).resolve().as_uri(),
+        ],
+        check=True, capture_output=True, timeout=120,
+    )
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 4000)
+    # Not blank: many colours (text, the figures' palette) and real contrast.
+    assert len(image.getcolors(maxcolors=1 << 20)) > 100
+    assert max(ImageStat.Stat(image).stddev) > 20

@@ -1,0 +1,90 @@
+"""ROUGE scores, bootstrap intervals and paired differences."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from rouge_score import rouge_scorer
+
+from lorastudy.io import write_jsonl
+from lorastudy.scoring import ROUGE_TYPES, bootstrap_indices, mean_interval, paired_difference, rouge_per_example, score_generations
+
+PAIRS = [
+    ("The cat sat on the mat.", "A cat was sitting on the mat."),
+    ("Paris is the capital of France.", "The capital of France is Paris."),
+    ("Running runners ran quickly", "the runner runs quick"),
+    ("Line one.\nLine two is longer.", "Line two is longer.\nLine one."),
+    ("", "Nothing was predicted."),
+    ("Completely unrelated words here", "Nothing in common at all"),
+]
+
+
+def test_rouge_equals_rouge_scores_own_on_hand_made_pairs():
+    references, predictions = zip(*PAIRS)
+    ours = rouge_per_example(predictions, references)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    for i, (reference, prediction) in enumerate(PAIRS):
+        expected = scorer.score(reference, prediction)
+        for key in ROUGE_TYPES:
+            assert ours.loc[i, key] == pytest.approx(expected[key].fmeasure, abs=1e-12), (i, key)
+
+
+def test_hand_checked_values():
+    # "the cats sat" against "the cat sat on the mat": with stemming 3 of 3 words
+    # match, 3 of 6 reference words: F1 = 2 * 1 * 0.5 / 1.5.
+    scores = rouge_per_example(["the cats sat"], ["the cat sat on the mat"])
+    assert scores.loc[0, "rouge1"] == pytest.approx(2 / 3)
+    assert rouge_per_example(["same words"], ["same words"]).loc[0].tolist() == [1.0] * 4
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (50, 500, 5000):
+        values = rng.uniform(size=n)
+        ci = mean_interval(values, bootstrap_indices(n, 1000, seed=1))
+        assert ci["low"] < ci["mean"] < ci["high"]
+        widths.append(ci["high"] - ci["low"])
+    assert widths[0] > widths[1] > widths[2]
+    # About 1 / sqrt(10) narrower for each tenfold n.
+    assert widths[0] / widths[2] == pytest.approx(10, rel=0.25)
+
+
+def test_bootstrap_is_seeded():
+    values = np.arange(100.0)
+    assert mean_interval(values, bootstrap_indices(100, 500, 3)) == mean_interval(values, bootstrap_indices(100, 500, 3))
+    assert mean_interval(values, bootstrap_indices(100, 500, 3)) != mean_interval(values, bootstrap_indices(100, 500, 4))
+
+
+def test_paired_difference():
+    rng = np.random.default_rng(0)
+    base = pd.DataFrame({"id": np.arange(300), "rougeL": rng.uniform(size=300)})
+    same = paired_difference(base, base, "rougeL", 500, 0)
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    better = base.assign(rougeL=base["rougeL"] + 0.05 + rng.normal(0, 0.01, size=300))
+    diff = paired_difference(better.sample(frac=1, random_state=1), base, "rougeL", 500, 0)
+    assert diff["low"] > 0.04 and diff["high"] < 0.06
+    # Paired: far narrower than the spread of either run's own mean.
+    own = mean_interval(base["rougeL"].to_numpy(), bootstrap_indices(300, 500, 0))
+    assert diff["high"] - diff["low"] < (own["high"] - own["low"]) / 5
+    with pytest.raises(ValueError, match="different test examples"):
+        paired_difference(better.iloc[:-1], base, "rougeL", 100, 0)
+
+
+def test_score_generations_writes_all_three_files(tmp_path):
+    rows = [
+        {"id": i, "category": c, "prediction": p, "reference": r}
+        for i, ((r, p), c) in enumerate(zip(PAIRS, ["open_qa", "open_qa", "brainstorming"] * 2))
+    ]
+    write_jsonl(tmp_path / "g.jsonl", rows)
+    summary = score_generations(tmp_path / "g.jsonl", tmp_path / "e.csv", tmp_path / "s.json", tmp_path / "c.csv", bootstrap_samples=200)
+    per_example = pd.read_csv(tmp_path / "e.csv")
+    assert per_example["id"].tolist() == list(range(6))
+    assert json.loads((tmp_path / "s.json").read_text()) == summary
+    assert summary["rougeL"]["mean"] == pytest.approx(per_example["rougeL"].mean(), abs=1e-6)
+    by_category = pd.read_csv(tmp_path / "c.csv").set_index("category")
+    assert by_category.loc["open_qa", "examples"] == 4
+    assert by_category.loc["open_qa", "rougeL"] == pytest.approx(per_example.loc[[0, 1, 3, 4], "rougeL"].mean(), abs=1e-6)

@@ -1,0 +1,56 @@
+rule summarize:
+    input:
+        scores=[f for kind in ("per_example", "summary", "by_category") for f in run_files(paths.scores()[kind])],
+        stats=finetune_files(paths.TRAIN_STATS),
+        histories=finetune_files(paths.HISTORY),
+    output:
+        summary=report(paths.SUMMARY, caption="../report/summary.rst", category="Summary"),
+        by_category=paths.SUMMARY_BY_CATEGORY,
+    log:
+        paths.log("report", "summarize"),
+    params:
+        runs=RUNS,
+        **config["score"],
+    script:
+        "../../scripts/summarize.py"
+
+
+rule figures:
+    input:
+        summary=paths.SUMMARY,
+        by_category=paths.SUMMARY_BY_CATEGORY,
+        histories=finetune_files(paths.HISTORY),
+    output:
+        png=[
+            report(paths.figure(name, "png"), caption=f"../report/{name}.rst", category="Figures")
+            for name in paths.FIGURE_NAMES
+        ],
+        pdf=figure_files("pdf"),
+    log:
+        paths.log("report", "figures"),
+    params:
+        runs=RUNS,
+    script:
+        "../../scripts/figures.py"
+
+
+rule report:
+    input:
+        summary=paths.SUMMARY,
+        by_category=paths.SUMMARY_BY_CATEGORY,
+        split_counts=paths.SPLIT_COUNTS,
+        figures=figure_files("png"),
+        generations=run_files(paths.generations()),
+        stats=finetune_files(paths.TRAIN_STATS),
+    output:
+        paths.REPORT,
+    log:
+        paths.log("report", "report"),
+    params:
+        runs=RUNS,
+        figures=dict(zip(paths.FIGURE_NAMES, figure_files("png"))),
+        config=config,
+        repo=workflow.basedir,
+        examples_per_category=config["report"]["examples_per_category"],
+    script:
+        "../../scripts/report.py"
