@@ -28,7 +28,7 @@ def test_defaults_are_filled_in():
     config = minimal()
     validate_config(config, SCHEMA)
     assert config["data"]["test_size"] == 500
-    assert config["data"]["subsets"] == {"1k": 1000, "5k": 5000, "15k": "all"}
+    assert config["data"]["subsets"] == {"250": 250, "1k": 1000, "5k": 5000, "15k": "all"}
     assert config["dolly"]["sha256"] == "2df9083338b4abd6bceb5635764dab5d833b393b55759dffb0959b6fcbf794ec"
     assert config["prompt"]["template"] == "Instruction:\n{instruction}\n\nResponse:\n{response}"
 

@@ -75,7 +75,9 @@ def test_adapter_loaded_back_reproduces_the_logits(tiny_preset, trained, tmp_pat
 
 
 def test_wrong_rank_for_an_adapter_fails_clearly(tiny_preset, trained):
-    with pytest.raises(ValueError, match=r"is rank=4, but the model was called with `.enable_lora\(rank=8\)`"):
+    from lorastudy.lora import AdapterError
+
+    with pytest.raises(AdapterError, match=r"adapter_epoch1.lora.h5 has LoRA rank 4, but rank 8 was asked for"):
         load_for_generation(tiny_preset, trained["adapters"][0], rank=8)
 
 

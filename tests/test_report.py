@@ -125,3 +125,10 @@ def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
     # Not blank: many colours (text, the figures' palette) and real contrast.
     assert len(image.getcolors(maxcolors=1 << 20)) > 100
     assert max(ImageStat.Stat(image).stddev) > 20
+
+
+def test_snakemake_report_works_too(smoke_run):
+    snakemake(smoke_run, "--configfile", str(REPO / "config" / "smoke.yaml"), "--report", "reports/snakemake_report.html")
+    text = (smoke_run / "reports" / "snakemake_report.html").read_text(encoding="utf-8")
+    for name in paths.FIGURE_NAMES:
+        assert f"{name}.png" in text

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
+from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora, save_adapter
 from lorastudy.models import default_dtype, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import Example, collate, encode_examples, padded_width, plan_batches
@@ -60,6 +61,11 @@ class TrainSettings:
     precision: str = "auto"
     length_bucketing: bool = True
     pad_multiple: int = 64
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -217,9 +223,8 @@ class Checkpoints:
                 return epoch
         return 0
 
-    def save(self, epoch: int, backbone, optimizer, state: dict[str, Any]) -> None:
-        with atomic_path(self.adapter(epoch), suffix=".lora.h5") as tmp:
-            backbone.save_lora_weights(str(tmp))
+    def save(self, epoch: int, backbone, spec: LoraSpec, optimizer, state: dict[str, Any]) -> None:
+        save_adapter(backbone, spec, self.adapter(epoch))
         with atomic_path(self._optimizer(epoch), suffix=".npz") as tmp:
             np.savez(tmp, *[np.asarray(v.numpy()) for v in optimizer.variables])
         write_json(self._state(epoch), {"fingerprint": self.fingerprint, "epoch": epoch, **state})
@@ -348,7 +353,7 @@ class _Run:
             "train_seconds": self.train_seconds,
             "steps": self.steps_before_epoch,
         }
-        self.checkpoints.save(epoch, self.backbone, self.model.optimizer, state)
+        self.checkpoints.save(epoch, self.backbone, self.spec, self.model.optimizer, state)
         _publish(self.checkpoints.adapter(epoch), self.adapter_paths[epoch - 1])
         log.info("epoch %d: adapter saved to %s", epoch, self.adapter_paths[epoch - 1])
 
@@ -397,7 +402,8 @@ def finetune(
 
     causal_lm = load_causal_lm(preset, dtype=dtype)
     backbone = causal_lm.backbone
-    backbone.enable_lora(rank)
+    spec = LoraSpec(rank, s.lora_targets, s.lora_alpha)
+    enable_lora(backbone, spec)
     tokenizer = causal_lm.preprocessor.tokenizer
     prompt = PromptTemplate(template)
     train, train_counts = encode_examples(tokenizer, read_jsonl(train_path), prompt, s.sequence_length, s.mask_prompt)
@@ -418,7 +424,7 @@ def finetune(
         fingerprint(str(preset), rank, template, dataclasses.asdict(s), dtype, files=[train_path, val_path, Path(preset) / "config.json"]),
     )
     run = _Run(
-        settings=s, backbone=backbone, model=model, train_batches=train_batches,
+        settings=s, backbone=backbone, spec=spec, model=model, train_batches=train_batches,
         checkpoints=checkpoints, adapter_paths=adapter_paths,
     )
     resumed_from = checkpoints.latest(epochs)
@@ -446,6 +452,8 @@ def finetune(
     stats = {
         "preset": str(preset),
         "rank": rank,
+        "lora_targets": list(spec.targets),
+        "lora_alpha": spec.alpha if spec.alpha is not None else rank,
         "epochs": epochs,
         "resumed_from_epoch": resumed_from,
         "dtype": dtype,

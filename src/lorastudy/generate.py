@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lorastudy.io import read_jsonl, write_json, write_jsonl
+from lorastudy.lora import load_adapter
 from lorastudy.models import default_dtype, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
@@ -59,15 +60,13 @@ def load_for_generation(
 ):
     """The task with its sampler, and with the LoRA adapter loaded if one is given.
 
-    With `rank`, LoRA is enabled at that rank first, so an adapter file of
-    another rank fails with KerasHub's message naming the file and both ranks.
+    With `rank`, an adapter file of another rank fails with a message naming
+    the file and both ranks.
     """
     settings = settings or GenerateSettings()
     causal_lm = load_causal_lm(preset, dtype=default_dtype(settings.precision))
     if adapter is not None:
-        if rank is not None:
-            causal_lm.backbone.enable_lora(rank)
-        causal_lm.backbone.load_lora_weights(str(adapter))
+        load_adapter(causal_lm.backbone, adapter, expected_rank=rank)
     causal_lm.compile(sampler=make_sampler(settings))
     return causal_lm
 

@@ -151,11 +151,25 @@ def kaggle_credentials_available() -> bool:
 
 def _on_kaggle(preset: str) -> bool:
     # KerasHub resolves bare names through its registry to Kaggle handles.
-    return preset.startswith("kaggle://") or "://" not in preset and not Path(preset).exists()
+    return preset.startswith("kaggle://") or "://" not in preset
+
+
+def check_preset_name(name: str, preset: str) -> None:
+    """A bare preset name must be one KerasHub knows (handles like kaggle:// or hf:// pass)."""
+    import keras_hub
+
+    known = keras_hub.models.CausalLM.presets
+    if "://" not in preset and preset not in known:
+        gemma = sorted(k for k in known if k.startswith(("gemma_", "gemma2_", "gemma3_")))
+        raise ModelError(
+            f"models.{name}.preset: unknown KerasHub preset {preset!r}; for a local directory use "
+            f"source: local. KerasHub's Gemma presets: {', '.join(gemma)}"
+        )
 
 
 def download_keras_hub_preset(name: str, preset: str, dest: str | os.PathLike) -> None:
     """Download a KerasHub preset (by KerasHub itself) and save it to `dest`."""
+    check_preset_name(name, preset)
     if _on_kaggle(preset) and not kaggle_credentials_available():
         raise ModelError(
             f"model {name} (preset {preset}) is downloaded from Kaggle, and no Kaggle credentials were "

@@ -1,0 +1,118 @@
+"""LoRA adapters: which layers, what scale, and files that say so themselves.
+
+KerasHub's `backbone.enable_lora(rank, target_layer_names)` puts LoRA on the
+named `EinsumDense` layers (by default query and value) and its
+`save_lora_weights` writes the factors to a `.lora.h5` file. That file holds
+the rank but not the target layers or the LoRA alpha, both of which a reader
+needs; this module stores them in the same file, in a `lorastudy` group that
+KerasHub's own loader ignores, and reads them back before loading.
+
+The effective update of a layer is (alpha / rank) · A·B; alpha defaults to
+the rank (a scale of 1, KerasHub's behaviour).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+
+from lorastudy.io import atomic_path
+
+# KerasHub's layer names in Gemma and Gemma 3 decoder blocks.
+ATTENTION = ("query", "key", "value", "attention_output")
+FEED_FORWARD = ("ffw_gating", "ffw_gating_2", "ffw_linear")
+TARGETS = ATTENTION + FEED_FORWARD
+DEFAULT_TARGETS = ("query", "value")
+
+
+class AdapterError(ValueError):
+    """An adapter file does not fit the model it is loaded into; the message names the file."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What an adapter is: its rank, the layers it adapts, and its alpha."""
+
+    rank: int
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown:
+            raise ValueError(f"unknown LoRA target layers {unknown}; known: {', '.join(TARGETS)}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def to_json(self) -> str:
+        return json.dumps({"rank": self.rank, "targets": list(self.targets), "alpha": self.alpha})
+
+
+def enable_lora(backbone, spec: LoraSpec) -> list:
+    """Enable LoRA on the spec's layers; return the adapted layers."""
+    backbone.enable_lora(spec.rank, target_layer_names=list(spec.targets))
+    layers = lora_layers(backbone)
+    if not layers:
+        raise ValueError(f"no layer of {type(backbone).__name__} is named any of {list(spec.targets)}")
+    for layer in layers:
+        layer.lora_alpha = spec.alpha if spec.alpha is not None else spec.rank
+    return layers
+
+
+def lora_layers(backbone) -> list:
+    """The LoRA-enabled layers, in the order KerasHub indexes them in a `.lora.h5` file."""
+    with_weights = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+    return [with_weights[i] for i in getattr(backbone, "_lora_enabled_layers", [])]
+
+
+def save_adapter(backbone, spec: LoraSpec, path: str | os.PathLike) -> None:
+    """Write the adapter atomically: KerasHub's factors, plus the spec."""
+    with atomic_path(path, suffix=".lora.h5") as tmp:
+        backbone.save_lora_weights(str(tmp))
+        with h5py.File(tmp, "a") as f:
+            f.create_group("lorastudy").attrs["spec"] = spec.to_json()
+
+
+def read_spec(path: str | os.PathLike) -> LoraSpec:
+    """The spec stored in an adapter; a plain KerasHub adapter has default targets and alpha."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter {path} does not exist")
+    with h5py.File(path, "r") as f:
+        if "lorastudy" in f:
+            spec = json.loads(f["lorastudy"].attrs["spec"])
+            return LoraSpec(spec["rank"], tuple(spec["targets"]), spec["alpha"])
+    # A plain KerasHub adapter: read its rank as KerasHub's own loader does.
+    from keras.src.saving.saving_lib import H5IOStore
+
+    store = H5IOStore(str(path), mode="r")
+    try:
+        return LoraSpec(int(store.get("lora")["rank"][()]))
+    finally:
+        store.close()
+
+
+def load_adapter(backbone, path: str | os.PathLike, expected_rank: int | None = None) -> LoraSpec:
+    """Enable LoRA as the adapter file says and load its factors into `backbone`."""
+    spec = read_spec(path)
+    if expected_rank is not None and spec.rank != expected_rank:
+        raise AdapterError(
+            f"adapter {path} has LoRA rank {spec.rank}, but rank {expected_rank} was asked for; "
+            "both ranks must match"
+        )
+    enable_lora(backbone, spec)
+    backbone.load_lora_weights(str(path))
+    return spec
+
+
+def parse_spec(rank: int, targets: Sequence[str] | None = None, alpha: float | None = None) -> LoraSpec:
+    return LoraSpec(int(rank), tuple(targets or DEFAULT_TARGETS), alpha)
