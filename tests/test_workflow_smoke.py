@@ -50,3 +50,27 @@ def test_every_job_has_a_log_and_the_expensive_ones_a_benchmark(smoke_run):
     logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
     assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32_r2.log", "generate/tiny/base.log"} <= logs
     assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64_r4.tsv").is_file()
+
+
+def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
+    import numpy as np
+    import pandas as pd
+
+    from lorastudy.export import chosen_runs
+    from lorastudy.lora import load_adapter
+    from lorastudy.models import load_causal_lm
+    from workflow_helpers import snakemake
+
+    snakemake(smoke_run, "export_best", "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"))
+    (model, run), = chosen_runs(smoke_run / "results" / "summary.csv").items()
+    summary = pd.read_csv(smoke_run / "results" / "summary.csv", dtype={"subset": str})
+    assert run == summary[summary["run"] != "base"].sort_values("rougeL_mean").iloc[-1]["run"]
+    out = smoke_run / "results" / "export" / model / run
+    assert (out / "peft" / "adapter_config.json").is_file() and (out / "peft" / "adapter_model.safetensors").is_file()
+    subset, rank, epoch = run.replace("_r", " ").replace("_epoch", " ").split()
+    tuned = load_causal_lm(smoke_run / "results" / "models" / model / "preset")
+    load_adapter(tuned.backbone, smoke_run / f"results/finetune/{model}/{subset}_r{rank}/adapter_epoch{epoch}.lora.h5")
+    merged = load_causal_lm(out / "merged_preset")
+    tokens = np.array([[2, 40, 41, 42, 43]], "int32")
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
+    np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tuned(x)), rtol=1e-5, atol=1e-5)

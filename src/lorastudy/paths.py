@@ -58,6 +58,9 @@ def scores(run: str = "{run}") -> dict[str, str]:
     }
 
 
+EXPORT_MERGED = "results/export/{model}/" + RUN + "/merged_preset"
+EXPORT_PEFT = "results/export/{model}/" + RUN + "/peft"
+
 SUMMARY = "results/summary.csv"
 SUMMARY_BY_CATEGORY = "results/rouge_by_category.csv"
 FIGURES = "reports/figures"

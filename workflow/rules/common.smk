@@ -62,5 +62,17 @@ def figure_files(ext):
     return [paths.figure(name, ext) for name in paths.FIGURE_NAMES]
 
 
+def exports_of_chosen_runs(wildcards):
+    # The best run is known once the summary exists: summarize is a checkpoint.
+    from lorastudy.export import chosen_runs
+
+    summary = checkpoints.summarize.get().output.summary
+    return [
+        path.replace(paths.RUN, run).format(model=model)
+        for model, run in chosen_runs(summary, config["export"]["runs"]).items()
+        for path in (paths.EXPORT_MERGED, paths.EXPORT_PEFT)
+    ]
+
+
 def get_final_output():
     return [paths.SUMMARY, paths.REPORT, *figure_files("png"), *figure_files("pdf")]

@@ -1,4 +1,4 @@
-rule summarize:
+checkpoint summarize:
     input:
         scores=[f for kind in ("per_example", "summary", "by_category") for f in run_files(paths.scores()[kind])],
         stats=finetune_files(paths.TRAIN_STATS),

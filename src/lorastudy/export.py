@@ -1,0 +1,179 @@
+"""The export stage: a study's adapter in the forms people use elsewhere.
+
+- A merged KerasHub preset: the base weights with the LoRA update
+  (alpha / rank) · A·B added in, saved with `save_to_preset`, so plain
+  `from_preset` loads the fine-tuned model with no LoRA code.
+- A PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) with
+  the tensor names and shapes PEFT expects for transformers' Gemma.
+
+KerasHub's LoRA factors follow its kernels' head axes. For the query, key and
+value projections (kernel [heads, hidden, head_dim]) A is per head
+([heads, hidden, rank]) and B is shared ([rank, head_dim]); their update is
+exactly a PEFT LoRA of rank heads × rank whose B is block-diagonal, so that
+is what is written (with PEFT's `rank_pattern` and `alpha_pattern` keeping
+the scale). The attention output and the feed-forward projections convert at
+the same rank. Any other kernel layout is refused with the layer named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorastudy.io import atomic_dir
+from lorastudy.lora import LoraSpec, load_adapter, lora_layers
+from lorastudy.models import load_causal_lm
+
+log = logging.getLogger(__name__)
+
+# KerasHub layer names -> transformers' Gemma module names.
+HF_MODULES = {
+    "query": "self_attn.q_proj",
+    "key": "self_attn.k_proj",
+    "value": "self_attn.v_proj",
+    "attention_output": "self_attn.o_proj",
+    "ffw_gating": "mlp.gate_proj",
+    "ffw_gating_2": "mlp.up_proj",
+    "ffw_linear": "mlp.down_proj",
+}
+PER_HEAD_IN = ("btd,ndh->btnh", "bsd,kdh->bskh")  # query; key and value
+PER_HEAD_OUT = ("btnh,nhd->btd",)  # attention output
+
+
+class ExportError(ValueError):
+    """An adapter cannot be converted exactly; the message names the layer."""
+
+
+def _weights_with_layers(backbone) -> list:
+    return [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+
+
+def merged_preset(preset: str | os.PathLike, adapter: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Save base + adapter as one KerasHub preset, loadable with plain `from_preset`."""
+    tuned = load_causal_lm(preset)
+    load_adapter(tuned.backbone, adapter)
+    # The kernel property of a LoRA layer is base + (alpha / rank) * A @ B.
+    merged = {
+        _weights_with_layers(tuned.backbone).index(layer): np.asarray(layer.kernel)
+        for layer in lora_layers(tuned.backbone)
+    }
+    del tuned
+    plain = load_causal_lm(preset)
+    layers = _weights_with_layers(plain.backbone)
+    for index, kernel in merged.items():
+        layers[index].kernel.assign(kernel)
+    with atomic_dir(dest) as tmp:
+        plain.save_to_preset(str(tmp))
+    log.info("merged %d LoRA layers of %s into %s", len(merged), adapter, dest)
+
+
+def peft_factors(layer, scale: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """PEFT's (lora_A [r', in], lora_B [out, r']) for one KerasHub LoRA layer, and PEFT's alpha.
+
+    PEFT scales B·A by alpha' / r'; alpha' is chosen so that equals `scale`.
+    """
+    a, b = np.asarray(layer.lora_kernel_a, "float32"), np.asarray(layer.lora_kernel_b, "float32")
+    equation = getattr(layer, "equation", None)
+    if equation in PER_HEAD_IN:
+        heads, hidden, rank = a.shape
+        head_dim = b.shape[1]
+        lora_a = a.transpose(0, 2, 1).reshape(heads * rank, hidden)
+        lora_b = np.zeros((heads * head_dim, heads * rank), "float32")
+        for i in range(heads):
+            lora_b[i * head_dim : (i + 1) * head_dim, i * rank : (i + 1) * rank] = b.T
+    elif equation in PER_HEAD_OUT:
+        heads, head_dim, rank = a.shape
+        lora_a = a.transpose(2, 0, 1).reshape(rank, heads * head_dim)
+        lora_b = b.T
+    elif a.ndim == 2 and b.ndim == 2:
+        lora_a, lora_b = a.T, b.T
+    else:
+        raise ExportError(
+            f"layer {layer.path}: no exact PEFT form for LoRA factors of shapes {a.shape} and {b.shape} "
+            f"(equation {equation!r})"
+        )
+    return lora_a, lora_b, scale * lora_a.shape[0]
+
+
+def _decoder_index(layer) -> int:
+    match = re.search(r"decoder_block_(\d+)", layer.path)
+    if match is None:
+        raise ExportError(f"layer {layer.path}: not inside a decoder block; PEFT has no name for it")
+    return int(match.group(1))
+
+
+def peft_adapter(
+    preset: str | os.PathLike,
+    adapter: str | os.PathLike,
+    dest: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """Write the adapter in PEFT's format; returns its adapter_config."""
+    from safetensors.numpy import save_file
+
+    tuned = load_causal_lm(preset)
+    spec: LoraSpec = load_adapter(tuned.backbone, adapter)
+    tensors, ranks, alphas = {}, {}, {}
+    for layer in lora_layers(tuned.backbone):
+        module = HF_MODULES.get(layer.name)
+        if module is None:
+            raise ExportError(f"layer {layer.path}: no transformers Gemma module corresponds to {layer.name!r}")
+        lora_a, lora_b, alpha = peft_factors(layer, spec.scale)
+        prefix = f"base_model.model.model.layers.{_decoder_index(layer)}.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        short = module.split(".")[-1]
+        ranks.setdefault(short, lora_a.shape[0])
+        alphas.setdefault(short, alpha)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha if spec.alpha is not None else spec.rank,
+        "target_modules": sorted(ranks),
+        # Per-head factors convert at rank heads x rank (see the module docstring).
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    with atomic_dir(dest) as tmp:
+        save_file(tensors, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (Path(tmp) / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    log.info("PEFT adapter of %d tensors written to %s", len(tensors), dest)
+    return config
+
+
+def chosen_runs(summary_path: str | os.PathLike, chosen: dict[str, str] | None = None) -> dict[str, str]:
+    """The run to export per model: as chosen in the config, else the best by ROUGE-L."""
+    from lorastudy.plots import read_summary
+    from lorastudy.summary import best_runs
+
+    runs = {row["model"]: row["run"] for _, row in best_runs(read_summary(summary_path)).iterrows()}
+    runs.update(chosen or {})
+    return runs
+
+
+def export_run(
+    preset: str | os.PathLike,
+    adapter: str | os.PathLike,
+    merged_dest: str | os.PathLike,
+    peft_dest: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Both exports of one run."""
+    merged_preset(preset, adapter, merged_dest)
+    peft_adapter(preset, adapter, peft_dest, base_model_name_or_path)
