@@ -14,7 +14,7 @@ from lorastudy.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 
 def ask(args: argparse.Namespace) -> str:
-    from lorastudy.generate import GenerateSettings, Generator, load_for_generation
+    from lorastudy.generate import GenerateSettings, Generator, detokenize, load_for_generation, prompt_token_ids
 
     settings = GenerateSettings(
         batch_size=1,
@@ -23,9 +23,10 @@ def ask(args: argparse.Namespace) -> str:
         top_k=args.top_k,
         seed=args.seed,
     )
-    generator = Generator(load_for_generation(args.model, args.adapter, settings=settings), settings)
-    (out,) = generator(generator.prompt_ids([PromptTemplate(args.template).prompt(args.prompt)]))
-    return generator.detokenize(out["new_ids"])
+    causal_lm = load_for_generation(args.model, args.adapter, settings=settings)
+    tokenizer = causal_lm.preprocessor.tokenizer
+    (out,) = Generator.for_task(causal_lm, settings)(prompt_token_ids(tokenizer, [PromptTemplate(args.template).prompt(args.prompt)]))
+    return detokenize(tokenizer, out["new_ids"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ import numpy as np
 
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
 from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora, save_adapter
-from lorastudy.models import default_dtype, load_causal_lm
+from lorastudy.models import dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import Example, collate, encode_examples, padded_width, plan_batches
 
@@ -396,14 +396,14 @@ def finetune(
 
     s = settings if isinstance(settings, TrainSettings) else TrainSettings(**(settings or {}))
     epochs = len(adapter_paths)
-    dtype = default_dtype(s.precision)
+    dtype, lora_policy = dtype_policies(s.precision, training=True)
     keras.utils.set_random_seed(s.seed)
     started = time.perf_counter()
 
     causal_lm = load_causal_lm(preset, dtype=dtype)
     backbone = causal_lm.backbone
     spec = LoraSpec(rank, s.lora_targets, s.lora_alpha)
-    enable_lora(backbone, spec)
+    enable_lora(backbone, spec, lora_policy)
     tokenizer = causal_lm.preprocessor.tokenizer
     prompt = PromptTemplate(template)
     train, train_counts = encode_examples(tokenizer, read_jsonl(train_path), prompt, s.sequence_length, s.mask_prompt)
@@ -456,7 +456,7 @@ def finetune(
         "lora_alpha": spec.alpha if spec.alpha is not None else rank,
         "epochs": epochs,
         "resumed_from_epoch": resumed_from,
-        "dtype": dtype,
+        "dtype": dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}",
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "trainable_parameters": int(sum(math.prod(v.shape) for v in model.trainable_weights)),

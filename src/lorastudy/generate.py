@@ -21,7 +21,7 @@ import numpy as np
 
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import load_adapter
-from lorastudy.models import default_dtype, load_causal_lm
+from lorastudy.models import dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
 
@@ -64,7 +64,7 @@ def load_for_generation(
     the file and both ranks.
     """
     settings = settings or GenerateSettings()
-    causal_lm = load_causal_lm(preset, dtype=default_dtype(settings.precision))
+    causal_lm = load_causal_lm(preset, dtype=dtype_policies(settings.precision, training=False)[0])
     if adapter is not None:
         load_adapter(causal_lm.backbone, adapter, expected_rank=rank)
     causal_lm.compile(sampler=make_sampler(settings))
@@ -72,18 +72,27 @@ def load_for_generation(
 
 
 class Generator:
-    """Batched generation over token ids, for a task loaded by `load_for_generation`."""
+    """Batched generation over token ids, for a task loaded by `load_for_generation`.
 
-    def __init__(self, causal_lm, settings: GenerateSettings):
-        self.tokenizer = causal_lm.preprocessor.tokenizer
+    Args:
+        causal_lm: a KerasHub CausalLM.
+        settings: batch size, new-token limit, padding multiple.
+        end_token_id: generation of a row stops at this token.
+        pad_token_id: fills batches beyond each prompt.
+    """
+
+    def __init__(self, causal_lm, settings: GenerateSettings, end_token_id: int, pad_token_id: int):
         self.settings = settings
+        self.end_token_id, self.pad_token_id = end_token_id, pad_token_id
         # KerasHub's compiled generation loop, called on token ids directly: the
         # tokens are prepared here, as in training, and `CausalLM.generate`
         # would only wrap pre- and post-processing around this same function.
         self.generate_function = causal_lm.make_generate_function()
 
-    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        return [[self.tokenizer.start_token_id, *ids] for ids in token_lists(self.tokenizer, prompts)]
+    @classmethod
+    def for_task(cls, causal_lm, settings: GenerateSettings) -> "Generator":
+        tokenizer = causal_lm.preprocessor.tokenizer
+        return cls(causal_lm, settings, tokenizer.end_token_id, tokenizer.pad_token_id)
 
     def __call__(self, prompt_ids: Sequence[list[int]]) -> list[dict[str, Any]]:
         """Generate for every prompt; returns, in input order, new token ids and whether <eos> ended them."""
@@ -101,8 +110,8 @@ class Generator:
         return results
 
     def _generate(self, rows: list[list[int]], width: int) -> list[dict[str, Any]]:
-        eos, pad = self.tokenizer.end_token_id, self.tokenizer.pad_token_id
-        token_ids = np.full((len(rows), width), pad, "int32")
+        eos = self.end_token_id
+        token_ids = np.full((len(rows), width), self.pad_token_id, "int32")
         padding_mask = np.zeros((len(rows), width), bool)
         for r, ids in enumerate(rows):
             token_ids[r, : len(ids)] = ids
@@ -116,8 +125,14 @@ class Generator:
             results.append({"new_ids": new[: new.index(eos)] if stopped else new, "stopped": stopped})
         return results
 
-    def detokenize(self, ids: list[int]) -> str:
-        return str(self.tokenizer.detokenize([ids])[0]) if ids else ""
+
+def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """`<bos>` and the prompt's tokens, as in training."""
+    return [[tokenizer.start_token_id, *ids] for ids in token_lists(tokenizer, prompts)]
+
+
+def detokenize(tokenizer, ids: list[int]) -> str:
+    return str(tokenizer.detokenize([ids])[0]) if ids else ""
 
 
 def generate(
@@ -135,8 +150,10 @@ def generate(
     records = read_jsonl(test_path)
     prompt = PromptTemplate(template)
     prompts = [prompt.prompt(r["instruction"]) for r in records]
-    generator = Generator(load_for_generation(preset, adapter, rank, s), s)
-    prompt_ids = generator.prompt_ids(prompts)
+    causal_lm = load_for_generation(preset, adapter, rank, s)
+    tokenizer = causal_lm.preprocessor.tokenizer
+    generator = Generator.for_task(causal_lm, s)
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
     started = time.perf_counter()
     outputs = generator(prompt_ids)
     seconds = time.perf_counter() - started
@@ -146,7 +163,7 @@ def generate(
             "category": record["category"],
             "prompt": text,
             "reference": record["response"],
-            "prediction": generator.detokenize(out["new_ids"]),
+            "prediction": detokenize(tokenizer, out["new_ids"]),
             "prompt_tokens": len(ids),
             "new_tokens": len(out["new_ids"]),
             "stopped_at_eos": out["stopped"],

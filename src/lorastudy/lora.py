@@ -57,8 +57,17 @@ class LoraSpec:
         return json.dumps({"rank": self.rank, "targets": list(self.targets), "alpha": self.alpha})
 
 
-def enable_lora(backbone, spec: LoraSpec) -> list:
-    """Enable LoRA on the spec's layers; return the adapted layers."""
+def enable_lora(backbone, spec: LoraSpec, dtype_policy: str | None = None) -> list:
+    """Enable LoRA on the spec's layers; return the adapted layers.
+
+    With `dtype_policy` (e.g. "mixed_bfloat16"), the targeted layers take that
+    policy first, so their LoRA factors are created in its variable dtype
+    while the frozen kernels keep theirs.
+    """
+    if dtype_policy is not None:
+        for layer in backbone._flatten_layers(include_self=False):
+            if layer.name in spec.targets and hasattr(layer, "enable_lora"):
+                layer.dtype_policy = dtype_policy
     backbone.enable_lora(spec.rank, target_layer_names=list(spec.targets))
     layers = lora_layers(backbone)
     if not layers:

@@ -39,13 +39,25 @@ class ModelError(RuntimeError):
     """A model cannot be prepared or loaded; the message says which and why."""
 
 
-def default_dtype(precision: str = "auto") -> str:
-    """Keras dtype policy: mixed bfloat16 on a GPU, float32 on a CPU (`auto`)."""
-    if precision != "auto":
-        return precision
-    import jax
+def dtype_policies(precision: str = "auto", training: bool = True) -> tuple[str, str | None]:
+    """The dtype to load a model with, and the policy of its LoRA layers (None: the same).
 
-    return "mixed_bfloat16" if jax.default_backend() == "gpu" else "float32"
+    - `float32`: everything in float32 (what `auto` means on a CPU).
+    - `bfloat16` (what `auto` means on a GPU): the frozen base weights are
+      stored and used in bfloat16, the LoRA layers compute in bfloat16 but
+      keep their trainable factors, and so the optimizer state, in float32.
+      Mixed precision where it matters, without Keras's mixed policy's float32
+      copy of every frozen weight, which costs memory and a cast per step.
+    - `mixed_bfloat16`: Keras's mixed policy, float32 variables everywhere.
+    For generation the LoRA factors need no float32 copy.
+    """
+    if precision == "auto":
+        import jax
+
+        precision = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    if precision == "bfloat16":
+        return "bfloat16", ("mixed_bfloat16" if training else None)
+    return precision, None
 
 
 def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
