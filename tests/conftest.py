@@ -64,12 +64,13 @@ def tiny_preset(tmp_path_factory, tiny_data) -> Path:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """The smoke workflow (config/smoke.yaml), run once with Snakemake, shared by the tests that read it."""
-    from workflow_helpers import snakemake
     from dolly_like import SMOKE_DATA
+    from workflow_helpers import FAKE_SECRETS, snakemake
 
     workdir = tmp_path_factory.mktemp("smoke")
     snakemake(
         workdir, "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"),
-        env={"LORASTUDY_DOLLY_JSONL": str(SMOKE_DATA)},
+        # Fake credentials in the environment, which test_secrets greps every output for.
+        env={"LORASTUDY_DOLLY_JSONL": str(SMOKE_DATA), **FAKE_SECRETS},
     )
     return workdir

@@ -91,3 +91,46 @@ def test_non_finite_loss_stops_without_an_adapter(tiny_preset, tiny_data, tmp_pa
             rank=4, template=DEFAULT_TEMPLATE, settings={**FAST, "learning_rate": 1e30},
         )
     assert not adapters[0].exists() and not (tmp_path / "h.csv").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_resumed_after_its_first_epoch_equals_an_uninterrupted_one(tiny_preset, tiny_data, tmp_path, monkeypatch):
+    """Adapter, optimizer state and batch order are restored: the resumed run's adapters are the same numbers."""
+    from lorastudy import finetune as stage
+
+    def run(out):
+        adapters = [out / f"adapter_epoch{e}.lora.h5" for e in (1, 2, 3)]
+        stats = finetune(
+            tiny_preset, tiny_data["train"], tiny_data["val"], adapters, out / "history.csv", out / "train.json",
+            rank=2, template=DEFAULT_TEMPLATE, settings=FAST,
+        )
+        return stats, adapters
+
+    _, whole = run(tmp_path / "whole")
+    save = stage.Checkpoints.save
+
+    def save_then_die(self, epoch, *args, **kwargs):
+        save(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            raise Killed
+
+    monkeypatch.setattr(stage.Checkpoints, "save", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed")
+    monkeypatch.undo()
+    stats, resumed = run(tmp_path / "resumed")
+    assert (stats["resumed_from_epoch"], stats["epochs_trained_this_run"]) == (1, 2)
+    for a, b in zip(whole, resumed):
+        np.testing.assert_array_equal(_adapter_weights(a), _adapter_weights(b), err_msg=str(b))
+
+
+def _adapter_weights(path) -> np.ndarray:
+    import h5py
+
+    found = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.append(obj[()].ravel()) if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" else None)
+    return np.concatenate(found)

@@ -74,3 +74,27 @@ def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
     tokens = np.array([[2, 40, 41, 42, 43]], "int32")
     x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
     np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tuned(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_run_from_scratch_is_byte_identical(smoke_run, tmp_path):
+    """Data, adapters, generations and scores: the same bytes on a rerun (same machine, CPU).
+
+    The summary too, but for its two wall-clock columns (training seconds and
+    tokens per second), which measure the machine, not the study.
+    """
+    import pandas as pd
+    from workflow_helpers import snakemake
+
+    snakemake(tmp_path, "--cores", "2", "results/summary.csv", "--configfile", str(REPO / "config" / "smoke.yaml"),
+              env={"LORASTUDY_DOLLY_JSONL": str(SMOKE_DATA)})
+    compared = 0
+    for pattern in ("results/data/**/*.jsonl", "results/data/*.csv", "results/finetune/**/*.lora.h5",
+                    "results/generate/**/*.jsonl", "results/score/**/*.csv", "results/rouge_by_category.csv"):
+        for first in sorted(smoke_run.glob(pattern)):
+            second = tmp_path / first.relative_to(smoke_run)
+            assert second.read_bytes() == first.read_bytes(), f"{first.relative_to(smoke_run)} differs between runs"
+            compared += 1
+    assert compared >= 40
+    clock = ["train_seconds", "tokens_per_second"]
+    first, second = (pd.read_csv(root / "results" / "summary.csv") for root in (smoke_run, tmp_path))
+    pd.testing.assert_frame_equal(first.drop(columns=clock), second.drop(columns=clock), check_exact=True)

@@ -442,6 +442,10 @@ def finetune(
             validation_data=val_batches,
             epochs=epochs,
             initial_epoch=resumed_from,
+            # The batches come in an order of their own, seeded by (seed, epoch).
+            # Keras's shuffle would reorder them with Python's global random
+            # state, which a resumed process does not share with the first.
+            shuffle=False,
             callbacks=[_callbacks(run)],
             # One line per epoch: the step-by-step bar is terminal control codes in a log file.
             verbose=2,
