@@ -64,7 +64,9 @@ def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
     snakemake(smoke_run, "export_best", "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"))
     (model, run), = chosen_runs(smoke_run / "results" / "summary.csv").items()
     summary = pd.read_csv(smoke_run / "results" / "summary.csv", dtype={"subset": str})
-    assert run == summary[summary["run"] != "base"].sort_values("rougeL_mean").iloc[-1]["run"]
+    tuned = summary[summary["run"] != "base"]
+    # The best by ROUGE-L; the tiny model's runs may tie, and then the first in the summary's order wins.
+    assert run == tuned[tuned["rougeL_mean"] == tuned["rougeL_mean"].max()].iloc[0]["run"]
     out = smoke_run / "results" / "export" / model / run
     assert (out / "peft" / "adapter_config.json").is_file() and (out / "peft" / "adapter_model.safetensors").is_file()
     subset, rank, epoch = run.replace("_r", " ").replace("_epoch", " ").split()
