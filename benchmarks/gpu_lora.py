@@ -96,6 +96,17 @@ def keras_gemma(model: str, dtype: str):
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
 
+def lora_gemma(model: str, rank: int, precision: str = "auto", training: bool = True):
+    """The workflow's model set-up: KerasHub Gemma in the study's dtypes, LoRA enabled."""
+    from lorastudy.lora import LoraSpec, enable_lora
+    from lorastudy.models import dtype_policies
+
+    dtype, lora_policy = dtype_policies(precision, training=training)
+    causal_lm = keras_gemma(model, dtype)
+    enable_lora(causal_lm.backbone, LoraSpec(rank), lora_policy)
+    return causal_lm
+
+
 def random_examples(lengths, vocab: int, seed: int = 0):
     import numpy as np
 
@@ -126,14 +137,10 @@ def ours_train(args) -> None:
     import keras
 
     from lorastudy.finetune import TrainSettings, _pydataset, compile_for_training
-    from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies
 
     out = Path(args.out)
     use_attention(args.attention)
-    dtype, lora_policy = dtype_policies(args.precision, training=True)
-    causal_lm = keras_gemma(args.model, dtype)
-    enable_lora(causal_lm.backbone, LoraSpec(args.rank), lora_policy)
+    causal_lm = lora_gemma(args.model, args.rank, args.precision)
     params = causal_lm.backbone.count_params()
     Batches = _pydataset()
     # Ascending in tokens per batch, so the process's peak memory after each
@@ -171,13 +178,9 @@ def ours_profile(args) -> None:
     import jax
 
     from lorastudy.finetune import TrainSettings, _pydataset, compile_for_training
-    from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies
 
     out = Path(args.out)
-    dtype, lora_policy = dtype_policies(args.precision, training=True)
-    causal_lm = keras_gemma(args.model, dtype)
-    enable_lora(causal_lm.backbone, LoraSpec(args.rank), lora_policy)
+    causal_lm = lora_gemma(args.model, args.rank, args.precision)
     seq, batch = map(int, args.shapes[0].split("x"))
     settings = TrainSettings(sequence_length=seq, batch_size=batch, length_bucketing=False,
                              learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
@@ -206,12 +209,9 @@ def ours_generate(args) -> None:
     import numpy as np
 
     from lorastudy.generate import GenerateSettings, Generator, make_sampler
-    from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies
 
     out = Path(args.out)
-    causal_lm = keras_gemma(args.model, dtype_policies("auto", training=False)[0])
-    enable_lora(causal_lm.backbone, LoraSpec(4))
+    causal_lm = lora_gemma(args.model, 4, training=False)
     causal_lm.compile(sampler=make_sampler(GenerateSettings()))
     rng = np.random.default_rng(0)
     for batch in args.batches:
@@ -245,13 +245,9 @@ def ours_bucketing(args) -> None:
     import keras
 
     from lorastudy.finetune import TrainSettings, _pydataset, compile_for_training
-    from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies
 
     out = Path(args.out)
-    dtype, lora_policy = dtype_policies("auto", training=True)
-    causal_lm = keras_gemma(args.model, dtype)
-    enable_lora(causal_lm.backbone, LoraSpec(args.rank), lora_policy)
+    causal_lm = lora_gemma(args.model, args.rank)
     lengths = dolly_like_lengths(args.examples)
     examples = random_examples(lengths, KERAS_GEMMA[args.model]["vocabulary_size"])
     Batches = _pydataset()
@@ -281,12 +277,9 @@ def ours_bucketing(args) -> None:
 def ours_eval(args) -> None:
     """The whole test-split evaluation of one run: 500 Dolly-length prompts, the workflow's batch size."""
     from lorastudy.generate import GenerateSettings, Generator, make_sampler
-    from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies
 
     out = Path(args.out)
-    causal_lm = keras_gemma(args.model, dtype_policies("auto", training=False)[0])
-    enable_lora(causal_lm.backbone, LoraSpec(4))
+    causal_lm = lora_gemma(args.model, 4, training=False)
     settings = GenerateSettings(batch_size=args.batch, max_new_tokens=128)
     causal_lm.compile(sampler=make_sampler(settings))
     import numpy as np
@@ -476,15 +469,14 @@ def pair(records, phase, key):
     """Ours and the peer's record for each setting, both from the same run."""
     rows = {}
     for r in records:
-        if r["phase"] == phase and not r.get("attention", "cudnn") != "cudnn" and not r.get("xla_flags"):
+        # The variants (other attention, XLA flags) are reported apart.
+        if r["phase"] == phase and r.get("attention", "cudnn") == "cudnn" and not r.get("xla_flags"):
             rows.setdefault((r["run"], *key(r)), {})[r["framework"]] = r
     return rows
 
 
 def summarize(args) -> None:
     """benchmarks/results/: the records as CSV and JSON, and the README's markdown tables."""
-    import csv
-
     records = load(args.results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
