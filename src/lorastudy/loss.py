@@ -1,0 +1,212 @@
+"""The training loss: cross-entropy over the response tokens, with logits only where it counts.
+
+A Gemma's output projection is its (tied) token embedding: one matrix product
+of the hidden states with a [vocabulary, hidden] matrix, 256k rows wide.
+Computed for every position of a batch, as `CausalLM`'s logits are, it is
+the largest single term of the step for small Gemmas (the embedding is 168M
+of Gemma 3 270M's 268M parameters) and a [batch, width, 256k] float32 tensor
+in memory. The loss needs it only at the response tokens: the prompt is
+masked, and padding never counts.
+
+`token_cross_entropy` gathers the positions whose loss weight is non-zero
+to the front, then computes logits, log-sum-exp and the gradient with
+respect to the hidden states for them alone, a chunk of rows at a time in a
+loop whose trip count is the number of such chunks. The embedding is frozen
+under LoRA, so the hidden states' gradient is all the backward pass needs;
+it is computed in the forward pass (as fused linear cross-entropy kernels
+do) and returned by a custom VJP. Outside differentiation (validation) the
+gradient is skipped.
+
+`response_loss_model` wraps a KerasHub CausalLM into the Keras model that
+`fit` trains: inputs are the batch's tokens, targets and loss weights, the
+output per row is [loss sum, correct predictions], and `batch_mean_loss` /
+`TokenAccuracy` turn those into the mean loss over the batch's weighted
+tokens and the token accuracy, exactly as a full-logits cross-entropy with
+`mean_with_sample_weight` would.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Rows of logits computed at once: about 128M float32 values (512 rows of a
+# 256k vocabulary). Measured on an H100 with Gemma 2B at 256 x 4 and 256 x 8:
+# 36 and 58 ms a step, against 46 and 58 with half as many and 41 and 58
+# with twice as many (benchmarks/results/job_overhead.json).
+LOGIT_VALUES_PER_CHUNK = 2**27
+
+
+def chunk_rows(vocabulary_size: int, positions: int) -> int:
+    rows = max(8, LOGIT_VALUES_PER_CHUNK // vocabulary_size)
+    return min(rows, max(8, -(-positions // 8) * 8))
+
+
+def token_cross_entropy(hidden, embeddings, targets, weights, soft_cap: float | None = None):
+    """Weighted cross-entropy and correctness at each position, from hidden states.
+
+    Args:
+        hidden: [batch, width, hidden_dim], the backbone's final hidden states.
+        embeddings: [vocabulary, hidden_dim], the (tied) output projection.
+        targets: [batch, width] int, the next token at each position.
+        weights: [batch, width] float, the loss weight of each position (0: no loss).
+        soft_cap: the model's final-logit soft cap (Gemma 2), or None.
+    Returns:
+        (loss, correct), each [batch, width] float32: weight × cross-entropy,
+        and weight × (argmax of the logits == target).
+    """
+    batch, width, dim = hidden.shape
+    rows = chunk_rows(embeddings.shape[0], batch * width)
+    loss, correct = _cross_entropy(
+        hidden.reshape(-1, dim), embeddings, targets.reshape(-1), weights.reshape(-1).astype("float32"), soft_cap, rows
+    )
+    return loss.reshape(batch, width), correct.reshape(batch, width)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _cross_entropy(hidden, embeddings, targets, weights, soft_cap, rows):
+    loss, correct, _ = _chunked(hidden, embeddings, targets, weights, soft_cap, rows, with_grad=False)
+    return loss, correct
+
+
+def _forward(hidden, embeddings, targets, weights, soft_cap, rows):
+    loss, correct, grad = _chunked(hidden, embeddings, targets, weights, soft_cap, rows, with_grad=True)
+    return (loss, correct), (grad.astype(hidden.dtype), weights)
+
+
+def _backward(soft_cap, rows, residuals, cotangents):
+    grad, weights = residuals
+    loss_cotangent, _ = cotangents
+    # The embedding is frozen under LoRA, targets and weights are data: no gradients for them.
+    return (grad * loss_cotangent[:, None].astype(grad.dtype), None, None, None)
+
+
+_cross_entropy.defvjp(_forward, _backward)
+
+
+def _chunked(hidden, embeddings, targets, weights, soft_cap, rows, with_grad):
+    n, dim = hidden.shape
+    # Positions with a loss first (a stable sort keeps their order), then the rest.
+    order = jnp.argsort(weights == 0, stable=True)
+    padded = -(-n // rows) * rows
+    pad = lambda x: jnp.pad(x, [(0, padded - n)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+    h, t, w = pad(hidden[order]), pad(targets[order]), pad(weights[order])
+    chunks = (jnp.sum(weights != 0) + rows - 1) // rows
+
+    def body(i, carry):
+        loss, correct, grad = carry
+        start = i * rows
+        hc = jax.lax.dynamic_slice_in_dim(h, start, rows)
+        tc = jax.lax.dynamic_slice_in_dim(t, start, rows)
+        wc = jax.lax.dynamic_slice_in_dim(w, start, rows)
+        logits = jnp.dot(hc, embeddings.T, preferred_element_type=jnp.float32)
+        if soft_cap is not None:
+            logits = jnp.tanh(logits / soft_cap) * soft_cap
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        # `where`, not a product: a position without loss contributes 0 even if its row is not finite.
+        counts = wc != 0
+        loss = jax.lax.dynamic_update_slice_in_dim(loss, jnp.where(counts, (lse - target_logit) * wc, 0.0), start, 0)
+        hit = jnp.where(counts & (jnp.argmax(logits, axis=-1) == tc), wc, 0.0)
+        correct = jax.lax.dynamic_update_slice_in_dim(correct, hit, start, 0)
+        if with_grad:
+            # d(weight × CE)/d logits = weight × (softmax − one-hot of the target).
+            d_logits = jnp.where(counts[:, None], jnp.exp(logits - lse[:, None]) * wc[:, None], 0.0)
+            d_logits = d_logits.at[jnp.arange(rows), tc].add(-wc)
+            if soft_cap is not None:
+                d_logits = d_logits * (1.0 - jnp.square(logits / soft_cap))
+            d_hidden = jnp.dot(d_logits.astype(embeddings.dtype), embeddings, preferred_element_type=jnp.float32)
+            grad = jax.lax.dynamic_update_slice_in_dim(grad, d_hidden, start, 0)
+        return loss, correct, grad
+
+    zeros = jnp.zeros((padded,), jnp.float32)
+    grad = jnp.zeros((padded, dim) if with_grad else (0, dim), jnp.float32)
+    loss, correct, grad = jax.lax.fori_loop(0, chunks, body, (zeros, zeros, grad))
+    # Back to the positions' own order.
+    unsort = lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype).at[order].set(x[:n])  # noqa: E731
+    return unsort(loss), unsort(correct), (unsort(grad) if with_grad else None)
+
+
+# --------------------------------------------------------------------------
+# the Keras side
+# --------------------------------------------------------------------------
+
+
+def response_loss_model(causal_lm):
+    """A Keras model over `causal_lm`'s backbone (same variables) whose output is the loss statistics per row.
+
+    Inputs: `token_ids`, `padding_mask`, `targets`, `loss_weights`, each
+    [batch, width]. Output: [batch, 2], each row's weighted loss sum and
+    weighted correct predictions. Compile it with `batch_mean_loss` and
+    `TokenAccuracy`, and give `fit` the rows' loss weights as `y`.
+    """
+    import keras
+
+    backbone = causal_lm.backbone
+    inputs = {
+        "token_ids": keras.Input(shape=(None,), dtype="int32", name="token_ids"),
+        "padding_mask": keras.Input(shape=(None,), dtype="int32", name="padding_mask"),
+        "targets": keras.Input(shape=(None,), dtype="int32", name="targets"),
+        "loss_weights": keras.Input(shape=(None,), dtype="float32", name="loss_weights"),
+    }
+    hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
+    stats = ResponseLoss(backbone.token_embedding)(hidden, inputs["targets"], inputs["loss_weights"])
+    return keras.Model(inputs, stats, name="lora_training")
+
+
+def _layer_class():
+    import keras
+
+    class ResponseLoss(keras.layers.Layer):
+        """Per-row [loss sum, correct] of the output projection's cross-entropy at weighted positions."""
+
+        def __init__(self, token_embedding, **kwargs):
+            # No autocast: the hidden states stay in the backbone's compute dtype.
+            super().__init__(autocast=False, **kwargs)
+            self.token_embedding = token_embedding
+
+        def call(self, hidden, targets, loss_weights):
+            embedding = self.token_embedding
+            if embedding.tie_weights:
+                matrix = embedding.embeddings.value
+            else:
+                matrix = jnp.transpose(embedding.reverse_embeddings.value)
+            matrix = matrix.astype(hidden.dtype)
+            loss, correct = token_cross_entropy(hidden, matrix, targets, loss_weights, embedding.logit_soft_cap)
+            return jnp.stack([loss.sum(axis=1), correct.sum(axis=1)], axis=1)
+
+        def compute_output_spec(self, hidden, targets, loss_weights):
+            return keras.KerasTensor((hidden.shape[0], 2), dtype="float32")
+
+    return ResponseLoss
+
+
+def ResponseLoss(token_embedding, **kwargs):  # noqa: N802 - a layer, built lazily so that importing needs no Keras
+    return _layer_class()(token_embedding, **kwargs)
+
+
+def batch_mean_loss(y_true, y_pred):
+    """Mean cross-entropy over the batch's weighted tokens; `y_true` is each row's weight sum."""
+    return jnp.sum(y_pred[..., 0]) / jnp.maximum(jnp.sum(y_true), 1e-9)
+
+
+def token_accuracy():
+    """A Keras metric: weighted correct predictions over weighted tokens, over every batch seen."""
+    import keras
+
+    class TokenAccuracy(keras.metrics.Metric):
+        def __init__(self, name="accuracy", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
+            self.tokens = self.add_variable(shape=(), initializer="zeros", name="tokens")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            self.correct.assign_add(jnp.sum(y_pred[..., 1]))
+            self.tokens.assign_add(jnp.sum(y_true))
+
+        def result(self):
+            return self.correct.value / jnp.maximum(self.tokens.value, 1e-9)
+
+    return TokenAccuracy()
