@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lorastudy.prompts import PromptTemplate
-from lorastudy.tokens import collate, encode_examples, padded_width, plan_batches, token_lists
+from lorastudy.tokens import choose_widths, collate, encode_examples, plan_batches, token_lists
 
 
 class CharTokenizer:
@@ -49,7 +49,8 @@ def test_truncation_is_counted_and_records_without_response_are_skipped():
 
 def test_collate_pads_with_zero_weight_and_masks_padding():
     examples, _ = encode_examples(CharTokenizer(), RECORDS, TEMPLATE, 32)
-    x, y, w = collate(examples, width=16, pad_id=0)
+    x, row_weights = collate(examples, width=16, pad_id=0)
+    y, w = x["targets"], x["loss_weights"]
     assert x["token_ids"].shape == y.shape == w.shape == (2, 16)
     for row, ex in enumerate(examples):
         n = ex.length
@@ -58,23 +59,65 @@ def test_collate_pads_with_zero_weight_and_masks_padding():
     # Loss weights are zero exactly on the prompt's targets and on padding.
     prompt_targets = len("IabR")
     assert (w[0] == 0).tolist() == [True] * prompt_targets + [False] * 4 + [True] * (16 - 8)
+    assert row_weights.tolist() == w.sum(axis=1).tolist()
 
 
-@pytest.mark.parametrize("bucketing", [True, False])
-def test_every_example_is_in_exactly_one_batch(bucketing):
-    lengths = np.random.default_rng(0).integers(5, 250, size=203).tolist()
-    batches = plan_batches(lengths, 8, np.random.default_rng(1), bucketing)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(203))
-    assert all(len(b) == 8 for b in batches[:-1]) or bucketing
+def test_filler_rows_keep_their_tokens_but_carry_no_loss():
+    examples, _ = encode_examples(CharTokenizer(), RECORDS, TEMPLATE, 32)
+    x, row_weights = collate([examples[0], examples[0]], width=16, pad_id=0, real=1)
+    assert x["padding_mask"][1].sum() == examples[0].length
+    assert row_weights.tolist() == [examples[0].loss_weights.sum(), 0.0]
 
 
-def test_bucketing_is_seeded_and_cuts_padding():
-    lengths = np.random.default_rng(0).integers(5, 250, size=512).tolist()
-    plan = lambda seed, bucketing: plan_batches(lengths, 8, np.random.default_rng(seed), bucketing)
-    assert [b.tolist() for b in plan(3, True)] == [b.tolist() for b in plan(3, True)]
-    assert [b.tolist() for b in plan(3, True)] != [b.tolist() for b in plan(4, True)]
-    padded = lambda batches: sum(len(b) * padded_width(max(lengths[i] for i in b), 256, 64) for b in batches)
-    assert padded(plan(3, True)) < 0.8 * padded(plan(3, False))
+LENGTHS = np.random.default_rng(0).integers(5, 250, size=203).tolist()
+
+
+@pytest.mark.parametrize("widths", [[256], [64, 128, 256], [32, 48, 96, 250]])
+def test_every_example_is_in_exactly_one_batch_of_one_shape_per_width(widths):
+    batches = plan_batches(LENGTHS, widths, 8, np.random.default_rng(1))
+    real = np.concatenate([b.indices[: b.real] for b in batches])
+    assert sorted(real.tolist()) == list(range(len(LENGTHS)))
+    assert all(len(b.indices) == 8 for b in batches)
+    assert all(LENGTHS[i] <= b.width for b in batches for i in b.indices)
+    # Only the widest width may hold a batch that is not all real rows.
+    assert all(b.real == 8 or b.width == widths[-1] for b in batches)
+    assert sum(b.real < 8 for b in batches) <= 1
+
+
+def test_batch_order_is_seeded_and_evaluation_keeps_input_order():
+    plan = lambda rng: [b.indices.tolist() for b in plan_batches(LENGTHS, [64, 128, 256], 8, rng)]  # noqa: E731
+    assert plan(np.random.default_rng(3)) == plan(np.random.default_rng(3))
+    assert plan(np.random.default_rng(3)) != plan(np.random.default_rng(4))
+    first_bucket = [i for i in range(len(LENGTHS)) if LENGTHS[i] <= 64]
+    assert plan(None)[0] == first_bucket[:8]
+
+
+def _padded(lengths, widths):
+    return sum(min(w for w in widths if w >= n) for n in lengths)
+
+
+@pytest.mark.parametrize("compile_seconds", [0.0, 0.5, 3.0, 20.0, 1e6])
+def test_chosen_widths_minimise_the_modelled_time_over_every_choice(compile_seconds):
+    """Brute force over every set of candidate widths (the widest is always needed)."""
+    import itertools
+
+    lengths = np.random.default_rng(2).integers(5, 120, size=300).tolist()
+    candidates = list(range(16, 128, 16))
+    time = lambda widths: 2 * _padded(lengths, widths) / 1000.0 + len(widths) * compile_seconds  # noqa: E731
+    best = min(time((*c, 128)) for k in range(len(candidates) + 1) for c in itertools.combinations(candidates, k))
+    chosen = choose_widths(lengths, 128, 16, epochs=2, compile_seconds=compile_seconds, tokens_per_second=1000.0)
+    assert chosen == sorted(set(chosen)) and chosen[-1] == 128
+    assert time(chosen) == pytest.approx(best)
+
+
+def test_compile_time_is_weighed_against_padding_saved():
+    lengths = np.random.default_rng(0).integers(5, 250, size=1000).tolist()
+    many = choose_widths(lengths, 256, 16, epochs=3, compile_seconds=1.0, tokens_per_second=100.0)
+    few = choose_widths(lengths, 256, 16, epochs=3, compile_seconds=15.0, tokens_per_second=40000.0)
+    assert len(many) > len(few) >= 1 and few[-1] == many[-1] == 256
+    assert _padded(lengths, many) < _padded(lengths, few)
+    # The longest validation example sets the widest width.
+    assert choose_widths([10, 20], 256, 16, longest=70)[-1] == 80
 
 
 def test_token_lists_with_the_kerashub_tokenizer(tiny_preset):

@@ -8,9 +8,13 @@ out over the whole run, so there it is not.
 
 The training is KerasHub's own recipe (the Gemma LoRA tutorial):
 `backbone.enable_lora(rank)`, AdamW with weight decay off for layer norms and
-biases, sparse cross-entropy from logits and a weighted accuracy, through
-Keras `fit`. The loss is averaged over the tokens it is weighted on: the
-response tokens by default, every token with `mask_prompt: false`.
+biases, cross-entropy and token accuracy, through Keras `fit`. The loss is
+averaged over the tokens it is weighted on: the response tokens by default,
+every token with `mask_prompt: false`; logits are computed at those tokens
+alone (`lorastudy.loss`). Batches come in a few widths chosen for the data's
+lengths, validation included, and every compiled program goes to the
+persistent compilation cache that all jobs of the study share
+(`lorastudy.compilation`), so each shape is compiled once per study.
 
 An interrupted job resumes: each finished epoch leaves a checkpoint (the
 adapter, the optimizer state, the history so far) that the next run of the
@@ -20,8 +24,6 @@ same job, with the same inputs and settings, continues from.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -35,11 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy.checkpoints import Checkpoints, fingerprint
+from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
-from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora, save_adapter
+from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora
 from lorastudy.models import dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
-from lorastudy.tokens import Example, collate, encode_examples, padded_width, plan_batches
+from lorastudy.tokens import Example, choose_widths, collate, encode_examples, plan_batches
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,9 @@ class TrainSettings:
     log_every_n_steps: int = 10
     precision: str = "auto"
     length_bucketing: bool = True
-    pad_multiple: int = 64
+    pad_multiple: int = 16
+    compile_seconds_per_width: float = 15.0
+    expected_tokens_per_second: float = 40000.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     lora_alpha: float | None = None
 
@@ -77,47 +83,53 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------
 
 
+def bucket_widths(settings: TrainSettings, train: Sequence[Example], val: Sequence[Example], epochs: int) -> list[int]:
+    """The batch widths of a run: one (the sequence length) without bucketing, else chosen by cost.
+
+    Validation is batched with the same widths, so it adds no program shapes.
+    """
+    s = settings
+    if not s.length_bucketing:
+        return [s.sequence_length]
+    return choose_widths(
+        [ex.length for ex in train], s.sequence_length, s.pad_multiple, epochs,
+        s.compile_seconds_per_width, s.expected_tokens_per_second, longest=max(ex.length for ex in val),
+    )
+
+
 def _pydataset():
     import keras
 
     class Batches(keras.utils.PyDataset):
-        """Length-bucketed batches; the order is a function of (seed, epoch).
+        """Length-bucketed batches of fixed shapes; the order is a function of (seed, epoch).
 
         Making the order depend on the epoch number alone (not on how many
         epochs this process has run) is what lets a resumed run see the same
         batches as an uninterrupted one.
         """
 
-        def __init__(self, examples, settings, pad_id, seed=None):
+        def __init__(self, examples, widths, batch_size, pad_id, seed=None):
             super().__init__()
-            self.examples, self.settings, self.pad_id, self.seed = examples, settings, pad_id, seed
+            self.examples, self.widths, self.batch_size, self.pad_id, self.seed = examples, widths, batch_size, pad_id, seed
             self.set_epoch(0)
 
         def set_epoch(self, epoch: int) -> None:
             rng = None if self.seed is None else np.random.default_rng([self.seed, epoch])
-            lengths = [ex.length for ex in self.examples]
-            self.batches = plan_batches(lengths, self.settings.batch_size, rng, self.settings.length_bucketing)
-
-        def width(self, batch: np.ndarray) -> int:
-            s = self.settings
-            if not s.length_bucketing:
-                return s.sequence_length
-            return padded_width(max(self.examples[i].length for i in batch), s.sequence_length, s.pad_multiple)
+            self.batches = plan_batches([ex.length for ex in self.examples], self.widths, self.batch_size, rng)
 
         def __len__(self) -> int:
             return len(self.batches)
 
         def __getitem__(self, index: int):
-            batch = self.batches[index]
-            return collate([self.examples[i] for i in batch], self.width(batch), self.pad_id)
+            b = self.batches[index]
+            return collate([self.examples[i] for i in b.indices], b.width, self.pad_id, b.real)
 
         def padded_tokens(self) -> int:
-            return sum(len(b) * self.width(b) for b in self.batches)
+            return sum(len(b.indices) * b.width for b in self.batches)
 
-        def accuracy_weight(self, index: int) -> float:
-            """The weight Keras gives this batch in the epoch's weighted accuracy."""
-            batch = self.batches[index]
-            return float(sum(self.examples[i].loss_weights.sum() for i in batch)) / self.width(batch)
+        def loss_tokens(self, index: int) -> float:
+            b = self.batches[index]
+            return float(sum(self.examples[i].loss_weights.sum() for i in b.indices[: b.real]))
 
     return Batches
 
@@ -170,85 +182,18 @@ def make_optimizer(settings: TrainSettings, total_steps: int):
 
 
 def compile_for_training(causal_lm, settings: TrainSettings, total_steps: int):
-    """A plain Keras model over the task's layers, compiled with the study's loss.
+    """A Keras model over the task's backbone (same variables), compiled with the study's loss.
 
     KerasHub's `CausalLM.fit` would route arrays through its preprocessing
-    pipeline (tf.data or grain); the batches here are already tokens, so a
-    functional model over the same layers (same variables) trains on them
-    directly.
+    pipeline (tf.data or grain) and compute logits at every position; the
+    batches here are already tokens, and the loss needs logits only at the
+    tokens it is weighted on (`lorastudy.loss`).
     """
-    import keras
+    from lorastudy.loss import batch_mean_loss, response_loss_model, token_accuracy
 
-    model = keras.Model(causal_lm.input, causal_lm.output, name="lora_training")
-    model.compile(
-        optimizer=make_optimizer(settings, total_steps),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+    model = response_loss_model(causal_lm)
+    model.compile(optimizer=make_optimizer(settings, total_steps), loss=batch_mean_loss, metrics=[token_accuracy()])
     return model
-
-
-# --------------------------------------------------------------------------
-# checkpoints for resuming
-# --------------------------------------------------------------------------
-
-
-class Checkpoints:
-    """Per-epoch resume state in `<run dir>/checkpoints`, kept out of Snakemake's outputs.
-
-    Snakemake deletes a job's declared outputs before it reruns the job, so
-    the state that resuming needs lives beside them. Each file is written
-    atomically; `state_epoch{e}.json` is written last and marks epoch e done.
-    A fingerprint of the inputs and settings guards against resuming a run
-    whose inputs have changed.
-    """
-
-    def __init__(self, directory: Path, fingerprint: str):
-        self.dir, self.fingerprint = directory, fingerprint
-
-    def adapter(self, epoch: int) -> Path:
-        return self.dir / f"adapter_epoch{epoch}.lora.h5"
-
-    def _optimizer(self, epoch: int) -> Path:
-        return self.dir / f"optimizer_epoch{epoch}.npz"
-
-    def _state(self, epoch: int) -> Path:
-        return self.dir / f"state_epoch{epoch}.json"
-
-    def latest(self, max_epoch: int) -> int:
-        """The last epoch with complete, matching state (0 if none)."""
-        for epoch in range(max_epoch, 0, -1):
-            path = self._state(epoch)
-            if path.is_file() and json.loads(path.read_text())["fingerprint"] == self.fingerprint:
-                return epoch
-        return 0
-
-    def save(self, epoch: int, backbone, spec: LoraSpec, optimizer, state: dict[str, Any]) -> None:
-        save_adapter(backbone, spec, self.adapter(epoch))
-        with atomic_path(self._optimizer(epoch), suffix=".npz") as tmp:
-            np.savez(tmp, *[np.asarray(v.numpy()) for v in optimizer.variables])
-        write_json(self._state(epoch), {"fingerprint": self.fingerprint, "epoch": epoch, **state})
-        for old in range(1, epoch):
-            self._optimizer(old).unlink(missing_ok=True)
-
-    def restore(self, epoch: int, backbone, model) -> dict[str, Any]:
-        backbone.load_lora_weights(str(self.adapter(epoch)))
-        optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)
-        with np.load(self._optimizer(epoch)) as saved:
-            for i, variable in enumerate(optimizer.variables):
-                variable.assign(saved[f"arr_{i}"])
-        return json.loads(self._state(epoch).read_text())
-
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def fingerprint(*parts: Any, files: Sequence[str | os.PathLike] = ()) -> str:
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for path in files:
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------
@@ -260,25 +205,25 @@ def _callbacks(run):
     import keras
 
     class Trainer(keras.callbacks.Callback):
-        """Orders the batches, logs history, times training, saves each epoch.
+        """Orders the batches, logs history, times training and its compilation, saves each epoch.
 
         Keras reports running means over the epoch: of the loss weighted by
-        batch size, of the accuracy weighted by loss tokens over batch width
-        (Keras's weighted metrics average each row over its positions). The windowed means
-        of the step history are recovered from them exactly: the mean over
-        steps a..b is (W_b * m_b - W_a * m_a) / (W_b - W_a), W the cumulative
-        weight.
+        batch size (one size for every batch here), of the token accuracy
+        weighted by loss tokens. The windowed means of the step history are
+        recovered from them exactly: the mean over steps a..b is
+        (W_b * m_b - W_a * m_a) / (W_b - W_a), W the cumulative weight.
         """
 
         def on_epoch_begin(self, epoch, logs=None):
             run.train_batches.set_epoch(epoch)
-            self.epoch_start, self.val_seconds = time.perf_counter(), 0.0
+            self.epoch_start, self.compiled_at_start = time.perf_counter(), run.clock.seconds
+            self.val_seconds = self.val_compile_seconds = 0.0
             self.rows = self.tokens = 0.0
             self.last = (0.0, 0.0, 0.0, 0.0)  # rows, tokens, loss mean, accuracy mean
 
         def on_train_batch_end(self, batch, logs=None):
-            self.rows += run.train_batches.batches[batch].size
-            self.tokens += run.train_batches.accuracy_weight(batch)
+            self.rows += run.settings.batch_size
+            self.tokens += run.train_batches.loss_tokens(batch)
             if (batch + 1) % run.settings.log_every_n_steps:
                 return
             epoch = run.epochs_done + 1
@@ -296,13 +241,18 @@ def _callbacks(run):
             log.info("epoch %d step %d: loss %.4f accuracy %.4f", epoch, row["step"], row["loss"], row["accuracy"])
 
         def on_test_begin(self, logs=None):
-            self.val_start = time.perf_counter()
+            self.val_start, self.val_compiled_at_start = time.perf_counter(), run.clock.seconds
 
         def on_test_end(self, logs=None):
             self.val_seconds += time.perf_counter() - self.val_start
+            self.val_compile_seconds += run.clock.seconds - self.val_compiled_at_start
 
         def on_epoch_end(self, epoch, logs=None):
-            run.train_seconds += time.perf_counter() - self.epoch_start - self.val_seconds
+            t = run.times
+            t["train_seconds"] += time.perf_counter() - self.epoch_start - self.val_seconds
+            t["train_compile_seconds"] += run.clock.seconds - self.compiled_at_start - self.val_compile_seconds
+            t["validation_seconds"] += self.val_seconds
+            t["validation_compile_seconds"] += self.val_compile_seconds
             e = epoch + 1
             _finite(logs, "loss", e, "end")
             _finite(logs, "val_loss", e, "end")
@@ -313,7 +263,8 @@ def _callbacks(run):
                     "epoch": e,
                     "step": run.steps_before_epoch,
                     "kind": "epoch",
-                    "train_seconds": run.train_seconds,
+                    "train_seconds": t["train_seconds"],
+                    "steady_train_seconds": t["train_seconds"] - t["train_compile_seconds"],
                     **{k: float(v) for k, v in logs.items()},
                 }
             )
@@ -337,22 +288,22 @@ def _finite(logs, key, epoch, step) -> float:
 # --------------------------------------------------------------------------
 
 
+TIMES = ("train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds")
+
+
 class _Run:
     """State of one finetune job, shared by the callback and the driver."""
 
     def __init__(self, **kwargs):
         self.__dict__.update(kwargs)
         self.history: list[dict[str, Any]] = []
-        self.train_seconds = 0.0
+        # Cumulative over the whole run, resumed runs included.
+        self.times = dict.fromkeys(TIMES, 0.0)
         self.epochs_done = 0
         self.steps_before_epoch = 0
 
     def save_epoch(self, epoch: int) -> None:
-        state = {
-            "history": self.history,
-            "train_seconds": self.train_seconds,
-            "steps": self.steps_before_epoch,
-        }
+        state = {"history": self.history, "times": self.times, "steps": self.steps_before_epoch}
         self.checkpoints.save(epoch, self.backbone, self.spec, self.model.optimizer, state)
         _publish(self.checkpoints.adapter(epoch), self.adapter_paths[epoch - 1])
         log.info("epoch %d: adapter saved to %s", epoch, self.adapter_paths[epoch - 1])
@@ -384,21 +335,26 @@ def finetune(
     rank: int,
     template: str,
     settings: dict[str, Any] | TrainSettings | None = None,
+    compilation_cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `preset` with LoRA of `rank`, one epoch per entry of `adapter_paths`.
 
     Writes `adapter_paths[e - 1]` after epoch e, the history CSV at the end,
-    and `stats_path` (train.json): parameters, tokens, time, throughput and
-    peak memory. Returns those statistics.
+    and `stats_path` (train.json): parameters, tokens, where the time went
+    (loading, compilation, steady-state training, validation), throughput
+    and peak memory. Returns those statistics.
     """
     import jax
     import keras
 
+    started = time.perf_counter()
+    use_compilation_cache(compilation_cache)
+    clock = CompileClock.get()
+    programs_before, hits_before = clock.programs, clock.cache_hits
     s = settings if isinstance(settings, TrainSettings) else TrainSettings(**(settings or {}))
     epochs = len(adapter_paths)
     dtype, lora_policy = dtype_policies(s.precision, training=True)
     keras.utils.set_random_seed(s.seed)
-    started = time.perf_counter()
 
     causal_lm = load_causal_lm(preset, dtype=dtype)
     backbone = causal_lm.backbone
@@ -412,10 +368,12 @@ def finetune(
     if train_counts["truncated"]:
         log.warning("%d of %d training records exceed %d tokens and were truncated", train_counts["truncated"], len(train), s.sequence_length)
 
+    widths = bucket_widths(s, train, val, epochs)
     Batches = _pydataset()
     pad_id = tokenizer.pad_token_id
-    train_batches = Batches(train, s, pad_id, seed=s.seed)
-    val_batches = Batches(val, s, pad_id, seed=None)
+    train_batches = Batches(train, widths, s.batch_size, pad_id, seed=s.seed)
+    val_batches = Batches(val, widths, s.batch_size, pad_id, seed=None)
+    log.info("batch widths %s: %d padded tokens per epoch for %d real ones", widths, train_batches.padded_tokens(), sum(ex.length for ex in train))
     model = compile_for_training(causal_lm, s, total_steps=epochs * len(train_batches))
 
     run_dir = Path(adapter_paths[0]).parent
@@ -425,16 +383,17 @@ def finetune(
     )
     run = _Run(
         settings=s, backbone=backbone, spec=spec, model=model, train_batches=train_batches,
-        checkpoints=checkpoints, adapter_paths=adapter_paths,
+        checkpoints=checkpoints, adapter_paths=adapter_paths, clock=clock,
     )
     resumed_from = checkpoints.latest(epochs)
     if resumed_from:
         state = checkpoints.restore(resumed_from, backbone, model)
-        run.history, run.train_seconds, run.steps_before_epoch = state["history"], state["train_seconds"], state["steps"]
+        run.history, run.times, run.steps_before_epoch = state["history"], state["times"], state["steps"]
         run.epochs_done = resumed_from
         for e in range(1, resumed_from + 1):
             _publish(checkpoints.adapter(e), adapter_paths[e - 1])
         log.info("resuming after epoch %d of %d from %s", resumed_from, epochs, checkpoints.dir)
+    load_seconds = time.perf_counter() - started
 
     if resumed_from < epochs:
         model.fit(
@@ -452,7 +411,8 @@ def finetune(
         )
 
     tokens_per_epoch = sum(ex.length for ex in train)
-    trained_epochs = epochs - resumed_from
+    t = run.times
+    steady = t["train_seconds"] - t["train_compile_seconds"]
     stats = {
         "preset": str(preset),
         "rank": rank,
@@ -471,13 +431,20 @@ def finetune(
         "skipped_examples": train_counts["skipped"],
         "validation_examples": len(val),
         "steps": run.steps_before_epoch,
+        "batch_widths": widths,
         "tokens_seen": tokens_per_epoch * epochs,
         "loss_tokens_seen": int(sum(ex.loss_weights.sum() for ex in train)) * epochs,
         "padded_tokens_per_epoch": train_batches.padded_tokens(),
-        "train_seconds": run.train_seconds,
-        "tokens_per_second": tokens_per_epoch * epochs / run.train_seconds if run.train_seconds else None,
+        # Training time includes compiling its programs; steady-state time does not.
+        **t,
+        "steady_train_seconds": steady,
+        "tokens_per_second": tokens_per_epoch * epochs / t["train_seconds"] if t["train_seconds"] else None,
+        "steady_tokens_per_second": tokens_per_epoch * epochs / steady if steady > 0 else None,
+        "load_seconds_this_run": load_seconds,
+        "compiled_programs_this_run": clock.programs - programs_before,
+        "cache_hits_this_run": clock.cache_hits - hits_before,
         "wall_seconds_this_run": time.perf_counter() - started,
-        "epochs_trained_this_run": trained_epochs,
+        "epochs_trained_this_run": epochs - resumed_from,
         **peak_memory(),
     }
     write_history(history_path, run.history)
@@ -487,7 +454,7 @@ def finetune(
     return stats
 
 
-HISTORY_COLUMNS = ["epoch", "step", "kind", "loss", "accuracy", "val_loss", "val_accuracy", "train_seconds"]
+HISTORY_COLUMNS = ["epoch", "step", "kind", "loss", "accuracy", "val_loss", "val_accuracy", "train_seconds", "steady_train_seconds"]
 
 
 def write_history(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:

@@ -6,11 +6,13 @@ that generation will see. The loss weight of a target token is 1 where it
 belongs to the response (or is the closing `<eos>`), 0 on the prompt (unless
 the whole sequence is trained on) and on padding.
 
-Batches are drawn in length buckets: each batch holds records of similar
-length and is padded only to the next multiple of `pad_multiple`, not to the
-full sequence length. Dolly's records are mostly far shorter than 256 tokens,
-so this skips most of the padding while keeping each example's attention to
-itself; the few distinct widths keep XLA's compilations few.
+Batches are drawn in length buckets: each batch holds records of one
+bucket and is padded only to that bucket's width, not to the full sequence
+length. Dolly's records are mostly far shorter than 256 tokens, so this
+skips most of the padding while keeping each example's attention to itself.
+Every width is one more XLA compilation, so the widths are chosen for the
+data's own lengths by what they save in padding against what they cost to
+compile (`choose_widths`).
 """
 
 from __future__ import annotations
@@ -77,29 +79,85 @@ def encode_examples(
     return examples, counts
 
 
-def plan_batches(
-    lengths: Sequence[int],
-    batch_size: int,
-    rng: np.random.Generator | None,
-    bucketing: bool = True,
-    megabatch: int = 32,
-) -> list[np.ndarray]:
-    """Indices of each batch, in the order they are trained on.
+@dataclass(frozen=True)
+class Batch:
+    """One batch: its width and `batch_size` example indices, of which the first `real` count.
 
-    Without `rng` the order is the input's (evaluation). With bucketing, a
-    shuffled order is cut into megabatches of `megabatch` batches, each is
-    sorted by length and cut into batches, and the batches are shuffled:
-    random like a plain shuffle, but with little padding in each batch.
+    The rows past `real` repeat the first example with no loss weight, so
+    that every batch of a width has one shape (one compiled program) and no
+    row is all padding.
     """
-    n = len(lengths)
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    if bucketing:
-        size = batch_size * megabatch
-        order = np.concatenate(
-            [sorted(order[i : i + size], key=lambda j: -lengths[j]) for i in range(0, n, size)]
-        ).astype(int)
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if bucketing and rng is not None:
+
+    width: int
+    indices: np.ndarray
+    real: int
+
+
+def choose_widths(
+    lengths: Sequence[int],
+    sequence_length: int,
+    granularity: int,
+    epochs: int = 1,
+    compile_seconds: float = 0.0,
+    tokens_per_second: float = float("inf"),
+    longest: int | None = None,
+) -> list[int]:
+    """The bucket widths that minimise training time: padded tokens against compilations.
+
+    Candidates are the multiples of `granularity` up to the sequence length.
+    Each example is padded to the smallest chosen width that holds it; for
+    each number of widths k, the widths that pad least come from a dynamic
+    program over the candidates, and k is chosen to minimise
+    epochs × padded tokens / tokens_per_second + k × compile_seconds.
+    The largest width holds `longest` (default: the longest length).
+    """
+    top = padded_width(max(longest or 0, *lengths), sequence_length, granularity)
+    candidates = sorted({min(w, top) for w in range(granularity, top + granularity, granularity)})
+    # counts[i]: examples whose smallest candidate is candidates[i].
+    counts = np.bincount(np.searchsorted(candidates, lengths), minlength=len(candidates)).astype(float)
+    below = np.concatenate([[0.0], np.cumsum(counts)])
+    m = len(candidates)
+    # cost[k][i]: fewest padded tokens for examples up to candidate i with k widths, the last one candidate i.
+    cost = np.full((m + 1, m), np.inf)
+    back = np.zeros((m + 1, m), int)
+    cost[1] = [candidates[i] * below[i + 1] for i in range(m)]
+    for k in range(2, m + 1):
+        for i in range(k - 1, m):
+            # The previous width is candidate p, for p in k-2 .. i-1.
+            options = cost[k - 1][k - 2 : i] + candidates[i] * (below[i + 1] - below[k - 1 : i + 1])
+            back[k][i] = k - 2 + int(np.argmin(options))
+            cost[k][i] = options.min()
+    seconds = [epochs * cost[k][m - 1] / tokens_per_second + k * compile_seconds for k in range(1, m + 1)]
+    k, i, widths = int(np.argmin(seconds)) + 1, m - 1, []
+    while k >= 1:
+        widths.append(candidates[i])
+        i, k = back[k][i], k - 1
+    return sorted(widths)
+
+
+def plan_batches(
+    lengths: Sequence[int], widths: Sequence[int], batch_size: int, rng: np.random.Generator | None
+) -> list[Batch]:
+    """The batches of one epoch, in the order they are trained on.
+
+    Each example goes to the smallest width that holds it. Within a width,
+    examples are in random order (input order without `rng`: evaluation);
+    what does not fill a last batch moves up to the next width, and the
+    widest width's remainder is filled up with repeated rows. The batches
+    are then shuffled: random like a plain shuffle, with little padding.
+    """
+    order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
+    bucket = np.searchsorted(widths, np.asarray(lengths)[order])
+    batches, carried = [], np.array([], int)
+    for b, width in enumerate(widths):
+        members = np.concatenate([carried, order[bucket == b]])
+        full = len(members) // batch_size * batch_size
+        batches += [Batch(width, members[i : i + batch_size], batch_size) for i in range(0, full, batch_size)]
+        carried = members[full:]
+    if len(carried):
+        filler = np.full(batch_size - len(carried), carried[0])
+        batches.append(Batch(widths[-1], np.concatenate([carried, filler]), len(carried)))
+    if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
 
@@ -109,22 +167,26 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def padded_width(longest: int, sequence_length: int, pad_multiple: int) -> int:
-    """The width a batch is padded to: the next multiple, at most the sequence length."""
+    """The next multiple of `pad_multiple`, at most the sequence length."""
     return min(sequence_length, round_up(longest, pad_multiple))
 
 
-def collate(
-    examples: Sequence[Example], width: int, pad_id: int
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Stack examples into (inputs, targets, loss weights) of shape [batch, width]."""
-    token_ids = np.full((len(examples), width), pad_id, "int32")
-    targets = np.full((len(examples), width), pad_id, "int32")
-    weights = np.zeros((len(examples), width), "float32")
-    padding_mask = np.zeros((len(examples), width), bool)
+def collate(examples: Sequence[Example], width: int, pad_id: int, real: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Stack examples into the training model's inputs, [batch, width] each, and each row's loss weight.
+
+    Rows from `real` on keep their tokens but get no loss weight.
+    """
+    n = len(examples)
+    token_ids = np.full((n, width), pad_id, "int32")
+    targets = np.full((n, width), pad_id, "int32")
+    weights = np.zeros((n, width), "float32")
+    padding_mask = np.zeros((n, width), bool)
     for row, ex in enumerate(examples):
-        n = ex.length
-        token_ids[row, :n] = ex.token_ids[:-1]
-        targets[row, :n] = ex.token_ids[1:]
-        weights[row, :n] = ex.loss_weights
-        padding_mask[row, :n] = True
-    return {"token_ids": token_ids, "padding_mask": padding_mask}, targets, weights
+        k = ex.length
+        token_ids[row, :k] = ex.token_ids[:-1]
+        targets[row, :k] = ex.token_ids[1:]
+        padding_mask[row, :k] = True
+        if real is None or row < real:
+            weights[row, :k] = ex.loss_weights
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask, "targets": targets, "loss_weights": weights}
+    return inputs, weights.sum(axis=1)
