@@ -5,8 +5,8 @@ with logging_to(snakemake.log[0]):
     generate(
         snakemake.input.preset,
         test_path=snakemake.input.test,
-        out_path=snakemake.output.generations,
-        stats_path=snakemake.output.stats,
-        adapter=snakemake.input.get("adapter"),
+        out_paths=snakemake.output.generations,
+        stats_paths=snakemake.output.stats,
+        adapters=snakemake.input.get("adapters", []),
         **snakemake.params,
     )

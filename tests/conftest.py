@@ -74,3 +74,19 @@ def smoke_run(tmp_path_factory) -> Path:
         env={"LORASTUDY_DOLLY_JSONL": str(SMOKE_DATA), **FAKE_SECRETS},
     )
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_preset, tiny_data) -> list[Path]:
+    """Two epochs of LoRA rank 4 on the tiny model: one adapter per epoch."""
+    from lorastudy.finetune import finetune
+    from lorastudy.prompts import DEFAULT_TEMPLATE
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    adapters = [out / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
+    finetune(
+        tiny_preset, tiny_data["train"], tiny_data["val"], adapters, out / "history.csv", out / "train.json",
+        rank=4, template=DEFAULT_TEMPLATE,
+        settings={"learning_rate": 5e-3, "batch_size": 4, "log_every_n_steps": 2, "sequence_length": 64, "pad_multiple": 32},
+    )
+    return adapters

@@ -17,7 +17,7 @@ SETTINGS = {"batch_size": 3, "max_new_tokens": 12, "pad_multiple": 16}
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tiny_preset, tiny_data):
     out = tmp_path_factory.mktemp("gen")
-    stats = generate(tiny_preset, tiny_data["test"], out / "g.jsonl", out / "g.json", DEFAULT_TEMPLATE, settings=SETTINGS)
+    (stats,) = generate(tiny_preset, tiny_data["test"], [out / "g.jsonl"], [out / "g.json"], DEFAULT_TEMPLATE, settings=SETTINGS)
     return out, stats
 
 
@@ -36,20 +36,20 @@ def test_one_line_per_test_record_in_order(base_run, tiny_data):
 
 def test_greedy_generation_is_deterministic(base_run, tiny_preset, tiny_data, tmp_path):
     out, _ = base_run
-    generate(tiny_preset, tiny_data["test"], tmp_path / "again.jsonl", tmp_path / "a.json", DEFAULT_TEMPLATE, settings=SETTINGS)
+    generate(tiny_preset, tiny_data["test"], [tmp_path / "again.jsonl"], [tmp_path / "a.json"], DEFAULT_TEMPLATE, settings=SETTINGS)
     assert (tmp_path / "again.jsonl").read_bytes() == (out / "g.jsonl").read_bytes()
 
 
 def test_batching_does_not_change_greedy_answers(base_run, tiny_preset, tiny_data, tmp_path):
     out, _ = base_run
-    generate(tiny_preset, tiny_data["test"], tmp_path / "b1.jsonl", tmp_path / "b1.json", DEFAULT_TEMPLATE, settings={**SETTINGS, "batch_size": 1})
+    generate(tiny_preset, tiny_data["test"], [tmp_path / "b1.jsonl"], [tmp_path / "b1.json"], DEFAULT_TEMPLATE, settings={**SETTINGS, "batch_size": 1})
     one = [r["prediction"] for r in read_jsonl(tmp_path / "b1.jsonl")]
     assert one == [r["prediction"] for r in read_jsonl(out / "g.jsonl")]
 
 
 def test_top_k_is_seeded(tiny_preset, tiny_data, tmp_path):
     top_k = lambda seed, name: generate(
-        tiny_preset, tiny_data["test"], tmp_path / f"{name}.jsonl", tmp_path / f"{name}.json", DEFAULT_TEMPLATE,
+        tiny_preset, tiny_data["test"], [tmp_path / f"{name}.jsonl"], [tmp_path / f"{name}.json"], DEFAULT_TEMPLATE,
         settings={**SETTINGS, "sampler": "top_k", "top_k": 50, "seed": seed},
     )
     top_k(1, "a"), top_k(1, "b"), top_k(2, "c")
@@ -63,3 +63,39 @@ def test_ask_prints_an_answer(tiny_preset, base_run, tiny_data, capsys):
     assert main(["ask", "--model", str(tiny_preset), "--max-new-tokens", "12", first["instruction"]]) == 0
     # The same answer as the batched generation of the same prompt.
     assert capsys.readouterr().out == read_jsonl(out / "g.jsonl")[0]["prediction"] + "\n"
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "top_k"])
+def test_one_job_over_every_epoch_answers_as_separate_jobs_would(tiny_preset, tiny_data, tiny_adapters, tmp_path, sampler):
+    """The model loads and compiles once; each adapter is swapped into the same variables."""
+    settings = {**SETTINGS, "sampler": sampler, "top_k": 50, "seed": 3}
+    outs = [tmp_path / f"job_epoch{e}.jsonl" for e in (1, 2)]
+    stats = generate(tiny_preset, tiny_data["test"], outs, [tmp_path / f"job_epoch{e}.json" for e in (1, 2)],
+                     DEFAULT_TEMPLATE, adapters=tiny_adapters, rank=4, settings=settings)
+    for adapter, out in zip(tiny_adapters, outs):
+        alone = tmp_path / f"alone_{adapter.stem}.jsonl"
+        generate(tiny_preset, tiny_data["test"], [alone], [tmp_path / "alone.json"], DEFAULT_TEMPLATE,
+                 adapters=[adapter], rank=4, settings=settings)
+        assert out.read_bytes() == alone.read_bytes()
+    assert outs[0].read_bytes() != outs[1].read_bytes()
+    assert [s["runs_in_job"] for s in stats] == [2, 2] and stats[0]["load_seconds"] == stats[1]["load_seconds"]
+    # The second run reuses the first one's compiled program.
+    assert stats[0]["compiled_programs"] >= 1 and stats[1]["compiled_programs"] == 0
+    for s in stats:
+        assert s["steady_seconds"] == pytest.approx(s["seconds"] - s["compile_seconds"])
+        assert s["steady_new_tokens_per_second"] >= s["new_tokens_per_second"] > 0
+
+
+def test_adapters_of_another_rank_in_one_job_fail_clearly(tiny_preset, tiny_data, tiny_adapters, tmp_path):
+    import shutil
+
+    from lorastudy.lora import AdapterError, LoraSpec, enable_lora, save_adapter
+    from lorastudy.models import load_causal_lm
+
+    other = load_causal_lm(tiny_preset)
+    enable_lora(other.backbone, LoraSpec(2))
+    save_adapter(other.backbone, LoraSpec(2), tmp_path / "rank2.lora.h5")
+    shutil.copy(tiny_adapters[0], tmp_path / "first.lora.h5")
+    with pytest.raises(AdapterError, match="rank2.lora.h5 is LoraSpec.rank=2"):
+        generate(tiny_preset, tiny_data["test"], [tmp_path / "a.jsonl", tmp_path / "b.jsonl"], [tmp_path / "a.json", tmp_path / "b.json"],
+                 DEFAULT_TEMPLATE, adapters=[tmp_path / "first.lora.h5", tmp_path / "rank2.lora.h5"], settings=SETTINGS)

@@ -32,6 +32,40 @@ def test_rouge_equals_rouge_scores_own_on_hand_made_pairs():
             assert ours.loc[i, key] == pytest.approx(expected[key].fmeasure, abs=1e-12), (i, key)
 
 
+def test_rouge_equals_evaluates_rouge_module():
+    """The study's scores are those of `evaluate`'s ROUGE (the module shipped in lorastudy/metrics)."""
+    from pathlib import Path
+
+    import evaluate
+
+    import lorastudy
+
+    module = evaluate.load(str(Path(lorastudy.__file__).parent / "metrics" / "rouge"))
+    references, predictions = zip(*PAIRS)
+    expected = module.compute(predictions=list(predictions), references=list(references), use_aggregator=False, use_stemmer=True)
+    ours = rouge_per_example(predictions, references)
+    for key in ROUGE_TYPES:
+        assert ours[key].tolist() == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_a_score_job_imports_no_machine_learning_framework(tmp_path):
+    """Scoring needs rouge-score, NumPy and pandas: no JAX, Keras, TensorFlow, torch or datasets to start."""
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "g.jsonl", [{"id": 1, "category": "open_qa", "prediction": "a cat", "reference": "the cat"}])
+    code = (
+        "import sys\n"
+        "from lorastudy.logs import logging_to\n"
+        "from lorastudy.scoring import score_generations\n"
+        f"score_generations({str(tmp_path / 'g.jsonl')!r}, {str(tmp_path / 'p.csv')!r}, {str(tmp_path / 's.json')!r}, {str(tmp_path / 'c.csv')!r})\n"
+        "print(sorted(m for m in ('jax', 'keras', 'tensorflow', 'torch', 'datasets', 'evaluate') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert json.loads((tmp_path / "s.json").read_text())["examples"] == 1
+
+
 def test_hand_checked_values():
     # "the cats sat" against "the cat sat on the mat": with stemming 3 of 3 words
     # match, 3 of 6 reference words: F1 = 2 * 1 * 0.5 / 1.5.

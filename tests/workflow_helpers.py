@@ -34,7 +34,7 @@ def write_config(path: Path, config: dict) -> Path:
 # machine type, CPU). The summary is compared without its wall-clock columns.
 RESULT_FILES = ("results/data/**/*.jsonl", "results/data/*.csv", "results/finetune/**/*.lora.h5",
                 "results/generate/**/*.jsonl", "results/score/**/*.csv", "results/rouge_by_category.csv")
-CLOCK_COLUMNS = ["train_seconds", "tokens_per_second"]
+CLOCK_COLUMNS = ["train_seconds", "steady_train_seconds", "tokens_per_second", "steady_tokens_per_second"]
 
 
 def assert_same_results(first: Path, second: Path) -> int:

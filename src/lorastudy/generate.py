@@ -6,6 +6,9 @@ training. They are generated in batches of similar length with KerasHub's
 batch padded to one of a few widths so that XLA compiles few programs.
 Generation stops at `<eos>` or after `max_new_tokens`; greedy decoding by
 default, so results are reproducible.
+
+One job answers for every epoch of a finetune run: the model is loaded and
+compiled once, and each epoch's adapter is loaded into the same variables.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.io import read_jsonl, write_json, write_jsonl
-from lorastudy.lora import load_adapter
+from lorastudy.lora import AdapterError, load_adapter, read_spec
 from lorastudy.models import dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
@@ -88,6 +92,10 @@ class Generator:
         # tokens are prepared here, as in training, and `CausalLM.generate`
         # would only wrap pre- and post-processing around this same function.
         self.generate_function = causal_lm.make_generate_function()
+        # A seeded sampler's state advances as it draws; each call starts it
+        # afresh, so that answers do not depend on what was generated before.
+        self.sampler_variables = causal_lm.sampler.variables
+        self.sampler_start = [np.array(v.value) for v in self.sampler_variables]
 
     @classmethod
     def for_task(cls, causal_lm, settings: GenerateSettings) -> "Generator":
@@ -97,6 +105,8 @@ class Generator:
     def __call__(self, prompt_ids: Sequence[list[int]]) -> list[dict[str, Any]]:
         """Generate for every prompt; returns, in input order, new token ids and whether <eos> ended them."""
         s = self.settings
+        for variable, value in zip(self.sampler_variables, self.sampler_start):
+            variable.assign(value)
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         results: list[dict[str, Any]] = [{}] * len(prompt_ids)
         for start in range(0, len(order), s.batch_size):
@@ -138,53 +148,91 @@ def detokenize(tokenizer, ids: list[int]) -> str:
 def generate(
     preset: str | os.PathLike,
     test_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    stats_path: str | os.PathLike,
+    out_paths: Sequence[str | os.PathLike],
+    stats_paths: Sequence[str | os.PathLike],
     template: str,
-    adapter: str | os.PathLike | None = None,
+    adapters: Sequence[str | os.PathLike] = (),
     rank: int | None = None,
     settings: dict[str, Any] | GenerateSettings | None = None,
-) -> dict[str, Any]:
-    """Answer every test prompt; write one JSON line per record and timing stats."""
+    compilation_cache: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Answer every test prompt with the base model, or with each adapter in turn.
+
+    The model is loaded and its generation program compiled once; each
+    adapter (every epoch of one finetune run: the same layers and rank) is
+    then loaded into the same LoRA variables, so the compiled program serves
+    them all. Writes one JSON line per record to `out_paths[i]` and timing
+    stats to `stats_paths[i]`, for the base (no adapters) or for `adapters[i]`.
+    """
+    started = time.perf_counter()
+    use_compilation_cache(compilation_cache)
+    clock = CompileClock.get()
     s = settings if isinstance(settings, GenerateSettings) else GenerateSettings(**(settings or {}))
+    runs = list(adapters) or [None]
+    if len(out_paths) != len(runs) or len(stats_paths) != len(runs):
+        raise ValueError(f"{len(runs)} runs to answer, but {len(out_paths)} output and {len(stats_paths)} stats paths")
     records = read_jsonl(test_path)
     prompt = PromptTemplate(template)
     prompts = [prompt.prompt(r["instruction"]) for r in records]
-    causal_lm = load_for_generation(preset, adapter, rank, s)
+    causal_lm = load_for_generation(preset, runs[0], rank, s)
     tokenizer = causal_lm.preprocessor.tokenizer
     generator = Generator.for_task(causal_lm, s)
     prompt_ids = prompt_token_ids(tokenizer, prompts)
-    started = time.perf_counter()
-    outputs = generator(prompt_ids)
-    seconds = time.perf_counter() - started
-    rows = [
-        {
-            "id": record["id"],
-            "category": record["category"],
-            "prompt": text,
-            "reference": record["response"],
-            "prediction": detokenize(tokenizer, out["new_ids"]),
-            "prompt_tokens": len(ids),
-            "new_tokens": len(out["new_ids"]),
-            "stopped_at_eos": out["stopped"],
+    load_seconds = time.perf_counter() - started
+    all_stats = []
+    for adapter, out_path, stats_path in zip(runs, out_paths, stats_paths):
+        if adapter is not None and adapter != runs[0]:
+            swap_adapter(causal_lm.backbone, adapter, runs[0])
+        with clock.region() as compiled:
+            run_started = time.perf_counter()
+            outputs = generator(prompt_ids)
+            seconds = time.perf_counter() - run_started
+        rows = [
+            {
+                "id": record["id"],
+                "category": record["category"],
+                "prompt": text,
+                "reference": record["response"],
+                "prediction": detokenize(tokenizer, out["new_ids"]),
+                "prompt_tokens": len(ids),
+                "new_tokens": len(out["new_ids"]),
+                "stopped_at_eos": out["stopped"],
+            }
+            for record, text, ids, out in zip(records, prompts, prompt_ids, outputs)
+        ]
+        write_jsonl(out_path, rows)
+        new_tokens = sum(r["new_tokens"] for r in rows)
+        steady = seconds - compiled.seconds
+        stats = {
+            "preset": str(preset),
+            "adapter": None if adapter is None else str(adapter),
+            "prompts": len(rows),
+            "batch_size": s.batch_size,
+            "sampler": s.sampler,
+            "max_new_tokens": s.max_new_tokens,
+            "new_tokens": new_tokens,
+            "stopped_at_eos": sum(r["stopped_at_eos"] for r in rows),
+            # Loading the model is shared by every run of the job; compilation
+            # falls to the first run at each batch shape (or the persistent cache).
+            "runs_in_job": len(runs),
+            "load_seconds": load_seconds,
+            "seconds": seconds,
+            "compile_seconds": compiled.seconds,
+            "compiled_programs": compiled.programs,
+            "cache_hits": compiled.cache_hits,
+            "steady_seconds": steady,
+            "new_tokens_per_second": new_tokens / seconds if seconds else None,
+            "steady_new_tokens_per_second": new_tokens / steady if steady > 0 else None,
         }
-        for record, text, ids, out in zip(records, prompts, prompt_ids, outputs)
-    ]
-    write_jsonl(out_path, rows)
-    new_tokens = sum(r["new_tokens"] for r in rows)
-    stats = {
-        "preset": str(preset),
-        "adapter": None if adapter is None else str(adapter),
-        "prompts": len(rows),
-        "batch_size": s.batch_size,
-        "sampler": s.sampler,
-        "max_new_tokens": s.max_new_tokens,
-        "new_tokens": new_tokens,
-        "stopped_at_eos": sum(r["stopped_at_eos"] for r in rows),
-        # Includes XLA compilation of each batch shape, as a user would wait for it.
-        "seconds": seconds,
-        "new_tokens_per_second": new_tokens / seconds if seconds else None,
-    }
-    write_json(stats_path, stats)
-    log.info("generated %s", stats)
-    return stats
+        write_json(stats_path, stats)
+        log.info("generated %s", stats)
+        all_stats.append(stats)
+    return all_stats
+
+
+def swap_adapter(backbone, adapter: str | os.PathLike, first: str | os.PathLike) -> None:
+    """Load another adapter of the same layers and rank into LoRA variables already in place."""
+    spec, expected = read_spec(adapter), read_spec(first)
+    if spec != expected:
+        raise AdapterError(f"adapter {adapter} is {spec}, but this job's first adapter {first} is {expected}")
+    backbone.load_lora_weights(str(adapter))

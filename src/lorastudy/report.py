@@ -50,7 +50,7 @@ SUMMARY_COLUMNS = {
     "epoch": "epoch",
     "trainable_parameters": "trainable params",
     "train_seconds": "train s",
-    "tokens_per_second": "tokens/s",
+    "steady_tokens_per_second": "steady tokens/s",
     "rouge1_mean": "ROUGE-1",
     "rouge2_mean": "ROUGE-2",
     "rougeL_mean": "ROUGE-L",
@@ -119,7 +119,7 @@ def _answers(runs: Sequence[dict], best: pd.DataFrame, per_category: int) -> lis
 
 
 def _training_jobs(runs: Sequence[dict]) -> pd.DataFrame:
-    """One row per finetune job: what it trained on, where, how fast."""
+    """One row per finetune job: what it trained on, where, and where its time went."""
     jobs = sorted({(r["model"], r["subset"], int(r["rank"])) for r in runs if r["run"] != paths.BASE})
     rows = []
     for model, subset, rank in jobs:
@@ -130,9 +130,29 @@ def _training_jobs(runs: Sequence[dict]) -> pd.DataFrame:
                 "model": model, "subset": subset, "rank": rank,
                 "records": s["training_records"], "truncated": s["truncated_examples"], "skipped": s["skipped_examples"],
                 "device": f"{s['device']} ({s['backend']}, {s['dtype']})",
-                "tokens/s": s["tokens_per_second"], "train s": s["train_seconds"],
+                "batch widths": " ".join(map(str, s["batch_widths"])),
+                "load s": s["load_seconds_this_run"],
+                "compile s": s["train_compile_seconds"] + s["validation_compile_seconds"],
+                "steady train s": s["steady_train_seconds"], "train s": s["train_seconds"],
+                "steady tokens/s": s["steady_tokens_per_second"], "tokens/s": s["tokens_per_second"],
                 "peak memory GiB": peak / 2**30,
                 "memory": "device" if s["peak_device_memory_bytes"] else "host RSS",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _generation_runs(runs: Sequence[dict]) -> pd.DataFrame:
+    """One row per answered run: the evaluation job's load, compilation and steady-state time."""
+    rows = []
+    for r in runs:
+        s = json.loads(Path(paths.generation_stats(r["run"]).format(model=r["model"])).read_text())
+        rows.append(
+            {
+                "model": r["model"], "run": r["run"], "new tokens": s["new_tokens"],
+                "load s (job)": s["load_seconds"], "runs in job": s["runs_in_job"],
+                "compile s": s["compile_seconds"], "steady s": s["steady_seconds"], "total s": s["seconds"],
+                "steady new tokens/s": s["steady_new_tokens_per_second"], "new tokens/s": s["new_tokens_per_second"],
             }
         )
     return pd.DataFrame(rows)
@@ -170,6 +190,7 @@ def render_report(
         "by_category": _table(pivot),
         "answers": _answers(runs, best, examples_per_category),
         "training": _table(_training_jobs(runs)),
+        "generation": _table(_generation_runs(runs)),
         "software": software_versions(),
         "commit": git_commit(repo),
         "config_hash": config_hash(config),

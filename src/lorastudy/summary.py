@@ -1,7 +1,8 @@
 """The summary stage: one table of every run of the grid, and of each base model.
 
 For each run: its place in the grid, what training cost (trainable
-parameters, seconds to reach its epoch, tokens per second), the four ROUGE
+parameters, seconds to reach its epoch and tokens per second, each with and
+without compilation), the four ROUGE
 means with their intervals, and the paired-bootstrap difference to its
 model's base, with its interval.
 """
@@ -41,7 +42,9 @@ def _training(model: str, subset: str, rank: int, epoch: int) -> dict[str, Any]:
         "training_records": stats["training_records"],
         "trainable_parameters": stats["trainable_parameters"],
         "train_seconds": float(at_epoch["train_seconds"].iloc[0]),
+        "steady_train_seconds": float(at_epoch["steady_train_seconds"].iloc[0]),
         "tokens_per_second": stats["tokens_per_second"],
+        "steady_tokens_per_second": stats["steady_tokens_per_second"],
     }
 
 

@@ -3,8 +3,8 @@ rule generate_base:
         preset=paths.PRESET,
         test=paths.TEST,
     output:
-        generations=paths.generations(paths.BASE),
-        stats=paths.generation_stats(paths.BASE),
+        generations=[paths.generations(paths.BASE)],
+        stats=[paths.generation_stats(paths.BASE)],
     log:
         paths.log("generate", f"{{model}}/{paths.BASE}"),
     benchmark:
@@ -12,6 +12,7 @@ rule generate_base:
     params:
         template=lambda wildcards: config["prompt"]["template"],
         settings=settings("generate"),
+        compilation_cache=config["compilation_cache"],
     threads: 8
     resources:
         mem_mb=resource("generate", "mem_mb"),
@@ -22,22 +23,26 @@ rule generate_base:
         "../../scripts/generate.py"
 
 
+# One job per finetune run answers for every epoch of the grid: the base model
+# is loaded and its generation compiled once, then each epoch's adapter is
+# loaded into the same variables.
 rule generate:
     input:
         preset=paths.PRESET,
         test=paths.TEST,
-        adapter=paths.ADAPTER,
+        adapters=expand(paths.ADAPTER, epoch=GRID["epochs"], allow_missing=True),
     output:
-        generations=paths.generations(paths.RUN),
-        stats=paths.generation_stats(paths.RUN),
+        generations=expand(paths.generations(paths.RUN), epoch=GRID["epochs"], allow_missing=True),
+        stats=expand(paths.generation_stats(paths.RUN), epoch=GRID["epochs"], allow_missing=True),
     log:
-        paths.log("generate", f"{{model}}/{paths.RUN}"),
+        paths.log("generate", "{model}/{subset}_r{rank}"),
     benchmark:
-        paths.benchmark("generate", f"{{model}}/{paths.RUN}")
+        paths.benchmark("generate", "{model}/{subset}_r{rank}")
     params:
         rank=lambda wildcards: int(wildcards.rank),
         template=lambda wildcards: config["prompt"]["template"],
         settings=settings("generate"),
+        compilation_cache=config["compilation_cache"],
     threads: 8
     resources:
         mem_mb=resource("generate", "mem_mb"),

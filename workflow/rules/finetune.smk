@@ -15,6 +15,7 @@ rule finetune:
         rank=lambda wildcards: int(wildcards.rank),
         template=lambda wildcards: config["prompt"]["template"],
         settings=settings("train"),
+        compilation_cache=config["compilation_cache"],
     threads: 8
     resources:
         mem_mb=resource("finetune", "mem_mb"),

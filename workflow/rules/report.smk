@@ -41,6 +41,7 @@ rule report:
         split_counts=paths.SPLIT_COUNTS,
         figures=figure_files("png"),
         generations=run_files(paths.generations()),
+        generation_stats=run_files(paths.generation_stats()),
         stats=finetune_files(paths.TRAIN_STATS),
     output:
         paths.REPORT,
