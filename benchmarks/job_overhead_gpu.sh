@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 13's measurements on the lent GPU machine, one step per device call
+# (each under its 10-minute limit; /tmp stays between calls while the machine
+# is warm). Wheels of what the image lacks are carried in .whl/, the workflow
+# as it was before the change in .old/ (git archive of the earlier commit).
+#   bash benchmarks/job_overhead_gpu.sh old|new_cold|new_warm|logits
+set -euo pipefail
+step=$1
+out=${OUT:-/tmp/job_overhead}
+mkdir -p "$out" /tmp/results
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+site=/tmp/site
+[ -d $site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
+data=/tmp/dolly_full.jsonl
+[ -f $data ] || PYTHONPATH=tests python3 -c "from pathlib import Path; from dolly_like import make_dolly_full_size as m; m(Path('$data'))"
+export LORASTUDY_DOLLY_JSONL=$data
+config=$PWD/benchmarks/configs/gpu_2b_shape.yaml
+printf 'compilation_cache: {dir: /tmp/jax_cache}\n' > /tmp/cache.yaml
+
+workflow() {  # label checkout [snakemake args...]
+  local label=$1 checkout=$2; shift 2
+  PYTHONPATH=$site:$checkout/src python3 benchmarks/job_overhead.py workflow --checkout "$checkout" \
+    --workdir /tmp/wf_$label --label "$label" --out /tmp/results -- --cores all --resources gpu=1 --configfile "$config" "$@"
+}
+case $step in
+  old) rm -rf /tmp/wf_before /tmp/results/workflow_before.log; workflow before "$PWD/.old" ;;
+  new_cold) rm -rf /tmp/jax_cache; workflow after_cold_cache "$PWD" /tmp/cache.yaml ;;
+  new_warm) workflow after_warm_cache "$PWD" /tmp/cache.yaml ;;
+  logits) PYTHONPATH=$site:$PWD/src python3 benchmarks/job_overhead.py logits --model gemma_2b --batches 4 8 --out /tmp/results ;;
+esac
+cp /tmp/results/* "$out"/ 2>/dev/null || true
+tail -n 3 /tmp/results/results.jsonl | cut -c1-600
