@@ -136,13 +136,14 @@ def use_attention(kind: str) -> None:
 def ours_train(args) -> None:
     import keras
 
-    from lorastudy.finetune import TrainSettings, _pydataset, compile_for_training
+    from lorastudy.finetune import TrainSettings, compile_for_training
+    from lorastudy.tokens import training_batches
 
     out = Path(args.out)
     use_attention(args.attention)
     causal_lm = lora_gemma(args.model, args.rank, args.precision)
     params = causal_lm.backbone.count_params()
-    Batches = _pydataset()
+    Batches = training_batches()
     # Ascending in tokens per batch, so the process's peak memory after each
     # shape is that shape's peak.
     shapes = sorted((tuple(map(int, s.split("x"))) for s in args.shapes), key=lambda s: s[0] * s[1])
@@ -177,14 +178,15 @@ def ours_profile(args) -> None:
 
     import jax
 
-    from lorastudy.finetune import TrainSettings, _pydataset, compile_for_training
+    from lorastudy.finetune import TrainSettings, compile_for_training
+    from lorastudy.tokens import training_batches
 
     out = Path(args.out)
     causal_lm = lora_gemma(args.model, args.rank, args.precision)
     seq, batch = map(int, args.shapes[0].split("x"))
     settings = TrainSettings(sequence_length=seq, batch_size=batch, length_bucketing=False,
                              learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    data = _pydataset()(random_examples([seq] * batch * 20, KERAS_GEMMA[args.model]["vocabulary_size"]), [seq], batch, 0)
+    data = training_batches()(random_examples([seq] * batch * 20, KERAS_GEMMA[args.model]["vocabulary_size"]), [seq], batch, 0)
     model = compile_for_training(causal_lm, settings, total_steps=len(data))
     model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
     trace_dir = out / f"profile_{args.model}_{seq}x{batch}"
@@ -244,13 +246,14 @@ def dolly_like_lengths(n: int, seed: int = 0) -> list[int]:
 def ours_bucketing(args) -> None:
     import keras
 
-    from lorastudy.finetune import TrainSettings, _pydataset, bucket_widths, compile_for_training
+    from lorastudy.finetune import TrainSettings, bucket_widths, compile_for_training
+    from lorastudy.tokens import training_batches
 
     out = Path(args.out)
     causal_lm = lora_gemma(args.model, args.rank)
     lengths = dolly_like_lengths(args.examples)
     examples = random_examples(lengths, KERAS_GEMMA[args.model]["vocabulary_size"])
-    Batches = _pydataset()
+    Batches = training_batches()
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

@@ -35,15 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lorastudy.checkpoints import Checkpoints, fingerprint
 from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
 from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora
 from lorastudy.models import dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
-from lorastudy.tokens import Example, choose_widths, collate, encode_examples, plan_batches
+from lorastudy.tokens import Example, choose_widths, encode_examples, training_batches
 
 log = logging.getLogger(__name__)
 
@@ -95,43 +93,6 @@ def bucket_widths(settings: TrainSettings, train: Sequence[Example], val: Sequen
         [ex.length for ex in train], s.sequence_length, s.pad_multiple, epochs,
         s.compile_seconds_per_width, s.expected_tokens_per_second, longest=max(ex.length for ex in val),
     )
-
-
-def _pydataset():
-    import keras
-
-    class Batches(keras.utils.PyDataset):
-        """Length-bucketed batches of fixed shapes; the order is a function of (seed, epoch).
-
-        Making the order depend on the epoch number alone (not on how many
-        epochs this process has run) is what lets a resumed run see the same
-        batches as an uninterrupted one.
-        """
-
-        def __init__(self, examples, widths, batch_size, pad_id, seed=None):
-            super().__init__()
-            self.examples, self.widths, self.batch_size, self.pad_id, self.seed = examples, widths, batch_size, pad_id, seed
-            self.set_epoch(0)
-
-        def set_epoch(self, epoch: int) -> None:
-            rng = None if self.seed is None else np.random.default_rng([self.seed, epoch])
-            self.batches = plan_batches([ex.length for ex in self.examples], self.widths, self.batch_size, rng)
-
-        def __len__(self) -> int:
-            return len(self.batches)
-
-        def __getitem__(self, index: int):
-            b = self.batches[index]
-            return collate([self.examples[i] for i in b.indices], b.width, self.pad_id, b.real)
-
-        def padded_tokens(self) -> int:
-            return sum(len(b.indices) * b.width for b in self.batches)
-
-        def loss_tokens(self, index: int) -> float:
-            b = self.batches[index]
-            return float(sum(self.examples[i].loss_weights.sum() for i in b.indices[: b.real]))
-
-    return Batches
 
 
 # --------------------------------------------------------------------------
@@ -189,10 +150,10 @@ def compile_for_training(causal_lm, settings: TrainSettings, total_steps: int):
     batches here are already tokens, and the loss needs logits only at the
     tokens it is weighted on (`lorastudy.loss`).
     """
-    from lorastudy.loss import batch_mean_loss, response_loss_model, token_accuracy
+    from lorastudy.loss import TokenAccuracy, batch_mean_loss, response_loss_model
 
     model = response_loss_model(causal_lm)
-    model.compile(optimizer=make_optimizer(settings, total_steps), loss=batch_mean_loss, metrics=[token_accuracy()])
+    model.compile(optimizer=make_optimizer(settings, total_steps), loss=batch_mean_loss, metrics=[TokenAccuracy()])
     return model
 
 
@@ -369,7 +330,7 @@ def finetune(
         log.warning("%d of %d training records exceed %d tokens and were truncated", train_counts["truncated"], len(train), s.sequence_length)
 
     widths = bucket_widths(s, train, val, epochs)
-    Batches = _pydataset()
+    Batches = training_batches()
     pad_id = tokenizer.pad_token_id
     train_batches = Batches(train, widths, s.batch_size, pad_id, seed=s.seed)
     val_batches = Batches(val, widths, s.batch_size, pad_id, seed=None)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lorastudy.compilation import CompileClock, use_compilation_cache
+from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import AdapterError, load_adapter, read_spec
 from lorastudy.models import dtype_policies, load_causal_lm
@@ -187,22 +187,8 @@ def generate(
             run_started = time.perf_counter()
             outputs = generator(prompt_ids)
             seconds = time.perf_counter() - run_started
-        rows = [
-            {
-                "id": record["id"],
-                "category": record["category"],
-                "prompt": text,
-                "reference": record["response"],
-                "prediction": detokenize(tokenizer, out["new_ids"]),
-                "prompt_tokens": len(ids),
-                "new_tokens": len(out["new_ids"]),
-                "stopped_at_eos": out["stopped"],
-            }
-            for record, text, ids, out in zip(records, prompts, prompt_ids, outputs)
-        ]
+        rows = answer_rows(records, prompts, prompt_ids, outputs, tokenizer)
         write_jsonl(out_path, rows)
-        new_tokens = sum(r["new_tokens"] for r in rows)
-        steady = seconds - compiled.seconds
         stats = {
             "preset": str(preset),
             "adapter": None if adapter is None else str(adapter),
@@ -210,24 +196,49 @@ def generate(
             "batch_size": s.batch_size,
             "sampler": s.sampler,
             "max_new_tokens": s.max_new_tokens,
-            "new_tokens": new_tokens,
             "stopped_at_eos": sum(r["stopped_at_eos"] for r in rows),
             # Loading the model is shared by every run of the job; compilation
             # falls to the first run at each batch shape (or the persistent cache).
             "runs_in_job": len(runs),
             "load_seconds": load_seconds,
-            "seconds": seconds,
-            "compile_seconds": compiled.seconds,
-            "compiled_programs": compiled.programs,
-            "cache_hits": compiled.cache_hits,
-            "steady_seconds": steady,
-            "new_tokens_per_second": new_tokens / seconds if seconds else None,
-            "steady_new_tokens_per_second": new_tokens / steady if steady > 0 else None,
+            **timing(sum(r["new_tokens"] for r in rows), seconds, compiled),
         }
         write_json(stats_path, stats)
         log.info("generated %s", stats)
         all_stats.append(stats)
     return all_stats
+
+
+def answer_rows(records, prompts, prompt_ids, outputs, tokenizer) -> list[dict[str, Any]]:
+    """One row per test record: its id and category, the prompt, the reference and the model's answer."""
+    return [
+        {
+            "id": record["id"],
+            "category": record["category"],
+            "prompt": text,
+            "reference": record["response"],
+            "prediction": detokenize(tokenizer, out["new_ids"]),
+            "prompt_tokens": len(ids),
+            "new_tokens": len(out["new_ids"]),
+            "stopped_at_eos": out["stopped"],
+        }
+        for record, text, ids, out in zip(records, prompts, prompt_ids, outputs)
+    ]
+
+
+def timing(new_tokens: int, seconds: float, compiled: Spent) -> dict[str, Any]:
+    """Generation time with and without compilation, and new tokens per second both ways."""
+    steady = seconds - compiled.seconds
+    return {
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "compile_seconds": compiled.seconds,
+        "compiled_programs": compiled.programs,
+        "cache_hits": compiled.cache_hits,
+        "steady_seconds": steady,
+        "new_tokens_per_second": new_tokens / seconds if seconds else None,
+        "steady_new_tokens_per_second": new_tokens / steady if steady > 0 else None,
+    }
 
 
 def swap_adapter(backbone, adapter: str | os.PathLike, first: str | os.PathLike) -> None:

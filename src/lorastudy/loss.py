@@ -22,7 +22,8 @@ gradient is skipped.
 output per row is [loss sum, correct predictions], and `batch_mean_loss` /
 `TokenAccuracy` turn those into the mean loss over the batch's weighted
 tokens and the token accuracy, exactly as a full-logits cross-entropy with
-`mean_with_sample_weight` would.
+`mean_with_sample_weight` would. (Imported by the finetune stage only when
+it trains: it imports Keras and JAX.)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import keras
 
 # Rows of logits computed at once: about 128M float32 values (512 rows of a
 # 256k vocabulary). Measured on an H100 with Gemma 2B at 256 x 4 and 256 x 8:
@@ -134,7 +136,7 @@ def _chunked(hidden, embeddings, targets, weights, soft_cap, rows, with_grad):
 # --------------------------------------------------------------------------
 
 
-def response_loss_model(causal_lm):
+def response_loss_model(causal_lm) -> keras.Model:
     """A Keras model over `causal_lm`'s backbone (same variables) whose output is the loss statistics per row.
 
     Inputs: `token_ids`, `padding_mask`, `targets`, `loss_weights`, each
@@ -142,8 +144,6 @@ def response_loss_model(causal_lm):
     weighted correct predictions. Compile it with `batch_mean_loss` and
     `TokenAccuracy`, and give `fit` the rows' loss weights as `y`.
     """
-    import keras
-
     backbone = causal_lm.backbone
     inputs = {
         "token_ids": keras.Input(shape=(None,), dtype="int32", name="token_ids"),
@@ -156,35 +156,30 @@ def response_loss_model(causal_lm):
     return keras.Model(inputs, stats, name="lora_training")
 
 
-def _layer_class():
-    import keras
+class ResponseLoss(keras.layers.Layer):
+    """Per-row [loss sum, correct] of the output projection's cross-entropy at weighted positions.
 
-    class ResponseLoss(keras.layers.Layer):
-        """Per-row [loss sum, correct] of the output projection's cross-entropy at weighted positions."""
+    Args:
+        token_embedding: the backbone's `ReversibleEmbedding`, whose reverse
+            direction (and soft cap) gives a Gemma's logits.
+    """
 
-        def __init__(self, token_embedding, **kwargs):
-            # No autocast: the hidden states stay in the backbone's compute dtype.
-            super().__init__(autocast=False, **kwargs)
-            self.token_embedding = token_embedding
+    def __init__(self, token_embedding, **kwargs):
+        # No autocast: the hidden states stay in the backbone's compute dtype.
+        super().__init__(autocast=False, **kwargs)
+        self.token_embedding = token_embedding
 
-        def call(self, hidden, targets, loss_weights):
-            embedding = self.token_embedding
-            if embedding.tie_weights:
-                matrix = embedding.embeddings.value
-            else:
-                matrix = jnp.transpose(embedding.reverse_embeddings.value)
-            matrix = matrix.astype(hidden.dtype)
-            loss, correct = token_cross_entropy(hidden, matrix, targets, loss_weights, embedding.logit_soft_cap)
-            return jnp.stack([loss.sum(axis=1), correct.sum(axis=1)], axis=1)
+    def call(self, hidden, targets, loss_weights):
+        embedding = self.token_embedding
+        if embedding.tie_weights:
+            matrix = embedding.embeddings.value
+        else:
+            matrix = jnp.transpose(embedding.reverse_embeddings.value)
+        loss, correct = token_cross_entropy(hidden, matrix.astype(hidden.dtype), targets, loss_weights, embedding.logit_soft_cap)
+        return jnp.stack([loss.sum(axis=1), correct.sum(axis=1)], axis=1)
 
-        def compute_output_spec(self, hidden, targets, loss_weights):
-            return keras.KerasTensor((hidden.shape[0], 2), dtype="float32")
-
-    return ResponseLoss
-
-
-def ResponseLoss(token_embedding, **kwargs):  # noqa: N802 - a layer, built lazily so that importing needs no Keras
-    return _layer_class()(token_embedding, **kwargs)
+    def compute_output_spec(self, hidden, targets, loss_weights):
+        return keras.KerasTensor((hidden.shape[0], 2), dtype="float32")
 
 
 def batch_mean_loss(y_true, y_pred):
@@ -192,21 +187,17 @@ def batch_mean_loss(y_true, y_pred):
     return jnp.sum(y_pred[..., 0]) / jnp.maximum(jnp.sum(y_true), 1e-9)
 
 
-def token_accuracy():
-    """A Keras metric: weighted correct predictions over weighted tokens, over every batch seen."""
-    import keras
+class TokenAccuracy(keras.metrics.Metric):
+    """Weighted correct predictions over weighted tokens, over every batch seen."""
 
-    class TokenAccuracy(keras.metrics.Metric):
-        def __init__(self, name="accuracy", **kwargs):
-            super().__init__(name=name, **kwargs)
-            self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
-            self.tokens = self.add_variable(shape=(), initializer="zeros", name="tokens")
+    def __init__(self, name="accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
+        self.tokens = self.add_variable(shape=(), initializer="zeros", name="tokens")
 
-        def update_state(self, y_true, y_pred, sample_weight=None):
-            self.correct.assign_add(jnp.sum(y_pred[..., 1]))
-            self.tokens.assign_add(jnp.sum(y_true))
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.correct.assign_add(jnp.sum(y_pred[..., 1]))
+        self.tokens.assign_add(jnp.sum(y_true))
 
-        def result(self):
-            return self.correct.value / jnp.maximum(self.tokens.value, 1e-9)
-
-    return TokenAccuracy()
+    def result(self):
+        return self.correct.value / jnp.maximum(self.tokens.value, 1e-9)

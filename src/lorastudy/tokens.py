@@ -190,3 +190,41 @@ def collate(examples: Sequence[Example], width: int, pad_id: int, real: int | No
             weights[row, :k] = ex.loss_weights
     inputs = {"token_ids": token_ids, "padding_mask": padding_mask, "targets": targets, "loss_weights": weights}
     return inputs, weights.sum(axis=1)
+
+
+def training_batches():
+    """The Keras dataset class of training and validation batches (built on first use: it needs Keras)."""
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        """Length-bucketed batches of fixed shapes; the order is a function of (seed, epoch).
+
+        Making the order depend on the epoch number alone (not on how many
+        epochs this process has run) is what lets a resumed run see the same
+        batches as an uninterrupted one.
+        """
+
+        def __init__(self, examples, widths, batch_size, pad_id, seed=None):
+            super().__init__()
+            self.examples, self.widths, self.batch_size, self.pad_id, self.seed = examples, widths, batch_size, pad_id, seed
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            rng = None if self.seed is None else np.random.default_rng([self.seed, epoch])
+            self.batches = plan_batches([ex.length for ex in self.examples], self.widths, self.batch_size, rng)
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def __getitem__(self, index: int):
+            b = self.batches[index]
+            return collate([self.examples[i] for i in b.indices], b.width, self.pad_id, b.real)
+
+        def padded_tokens(self) -> int:
+            return sum(len(b.indices) * b.width for b in self.batches)
+
+        def loss_tokens(self, index: int) -> float:
+            b = self.batches[index]
+            return float(sum(self.examples[i].loss_weights.sum() for i in b.indices[: b.real]))
+
+    return Batches
