@@ -10,6 +10,7 @@ import yaml
 from dolly_like import SMOKE_DATA, SMOKE_RECORDS, make_dolly, sha256
 from workflow_helpers import REPO
 
+from lorastudy import paths
 from lorastudy.io import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -44,6 +45,19 @@ def test_generations_for_every_run_and_the_base_model(smoke_run):
         rows = read_jsonl(smoke_run / "results" / "generate" / "tiny" / run / "generations.jsonl")
         assert [r["id"] for r in rows] == test_ids, run
         assert all(r["new_tokens"] <= SMOKE["generate"]["max_new_tokens"] for r in rows)
+
+
+def test_jobs_share_the_compilation_cache_and_say_where_their_time_went(smoke_run):
+    assert list((smoke_run / ".cache" / "jax").glob("*-cache")), "no program in the shared compilation cache"
+    for path in (smoke_run / "results" / "finetune").rglob("train.json"):
+        s = json.loads(path.read_text())
+        assert s["train_seconds"] >= s["steady_train_seconds"] > 0 and s["train_compile_seconds"] > 0, path
+        assert s["load_seconds_this_run"] > 0 and s["steady_tokens_per_second"] >= s["tokens_per_second"] > 0, path
+        assert s["batch_widths"] == sorted(s["batch_widths"]) and s["batch_widths"][-1] <= SMOKE["train"]["sequence_length"]
+    # One evaluation job per finetune run: every epoch's answers share its load.
+    stats = [json.loads((smoke_run / paths.generation_stats(f"32_r2_epoch{e}").format(model="tiny")).read_text()) for e in (1, 2)]
+    assert [s["runs_in_job"] for s in stats] == [2, 2] and stats[0]["load_seconds"] == stats[1]["load_seconds"]
+    assert (smoke_run / "logs" / "generate" / "tiny" / "32_r2.log").is_file()
 
 
 def test_every_job_has_a_log_and_the_expensive_ones_a_benchmark(smoke_run):
