@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from gpu_lora import write_csv  # noqa: E402
+
 
 def emit(out: Path, **record) -> None:
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -302,13 +304,6 @@ def software() -> dict[str, str]:
         except PackageNotFoundError:
             found[package] = "absent"
     return found
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main() -> None:
