@@ -95,6 +95,15 @@ def test_download_does_not_retry_not_found(serve, tmp_path):
     assert server.requests == 1
 
 
+def test_a_failed_download_ends_by_saying_how_to_give_an_offline_copy(tmp_path):
+    # Nothing listens on port 9 of the loopback: the connection is refused at once.
+    with pytest.raises(DataError) as error:
+        data.fetch_dolly(tmp_path / "d.jsonl", "http://127.0.0.1:9/databricks-dolly-15k.jsonl", "0" * 64, retries=1, sleep=_no_sleep)
+    message = str(error.value)
+    assert "download failed after 2 attempt(s)" in message
+    assert message.endswith(data.OFFLINE_HINT) and "LORASTUDY_DOLLY_JSONL" in message and "dolly.local_copy" in message
+
+
 def test_truncated_download_fails_and_leaves_nothing(serve, dolly_file, tmp_path):
     body = dolly_file.read_bytes()
     # The server promises the whole file and closes after half of it.

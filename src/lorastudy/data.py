@@ -86,6 +86,13 @@ def _download_once(url: str, dest: Path, timeout_s: float) -> None:
         raise http.client.IncompleteRead(b"", int(expected) - got)
 
 
+OFFLINE_HINT = (
+    "Without internet, give a copy of databricks-dolly-15k.jsonl (sha256 checked as usual): "
+    "LORASTUDY_DOLLY_JSONL=/path/to/databricks-dolly-15k.jsonl snakemake ..., "
+    "or dolly.local_copy: /path/to/databricks-dolly-15k.jsonl in the config"
+)
+
+
 def fetch_dolly(
     dest: str | os.PathLike,
     url: str,
@@ -124,7 +131,10 @@ def fetch_dolly(
                     break
                 except Exception as error:
                     if not _retryable(error) or attempt == retries:
-                        raise DataError(f"{url}: download failed after {attempt + 1} attempt(s): {error!r}") from error
+                        # The hint is the message's end, so that it is the last line of the job's log.
+                        raise DataError(
+                            f"{url}: download failed after {attempt + 1} attempt(s): {error!r}. {OFFLINE_HINT}"
+                        ) from error
                     wait = backoff_s * 2**attempt
                     log.warning("download failed (%r); retrying in %.0f s", error, wait)
                     sleep(wait)
