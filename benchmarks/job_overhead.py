@@ -290,8 +290,46 @@ def summarize(args) -> None:
             util = f"{row['gpu_utilisation_mean']:.0f}%" if row["gpu_utilisation_mean"] is not None else "-"
             lines.append(f"| {r['label']} | {r['seconds']:.0f} | {util} | {row['finetune_s']:.0f} | {row['generate_s']:.0f} | {row['score_s']:.0f} |")
         write_csv(out / "job_overhead_workflow.csv", table)
+    lines += paper_grid_table([r for r in runs if r["label"].startswith("paper_")], out)
     (out / "job_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def paper_grid_table(parts: list[dict], out: Path) -> list[str]:
+    """The paper grid's parts: wall, GPU jobs and their own split, with the whole grid's total.
+
+    Every part runs the base model's evaluation and builds the model, so the
+    total counts those once (from the first part).
+    """
+    if not parts:
+        return []
+    table = []
+    for i, r in enumerate(parts):
+        gpu_jobs = [j for j in r["jobs"] if j["job"].startswith(("finetune/", "generate/"))]
+        if i:
+            gpu_jobs = [j for j in gpu_jobs if not j["job"].endswith("/base")]
+        train = [s for k, s in r["splits"].items() if k.endswith("train.json")]
+        evals = {k: s for k, s in r["splits"].items() if k.endswith("generate.json") and (i == 0 or "/base/" not in k)}
+        jobs_load = {k.rsplit("_epoch", 1)[0]: s["load_seconds"] for k, s in evals.items()}
+        table.append(dict(
+            part=r["label"], wall_s=r["seconds"], gpu_utilisation_mean=r["gpu_utilisation_mean"],
+            gpu_jobs=len(gpu_jobs), gpu_job_s=sum(j["seconds"] for j in gpu_jobs),
+            load_s=sum(s["load_seconds_this_run"] for s in train) + sum(jobs_load.values()),
+            compile_s=sum(s["train_compile_seconds"] + s["validation_compile_seconds"] for s in train)
+            + sum(s["compile_seconds"] for s in evals.values()),
+            steady_train_s=sum(s["steady_train_seconds"] for s in train),
+            steady_generate_s=sum(s["steady_seconds"] for s in evals.values())))
+    total = {k: sum(row[k] for row in table) for k in table[0] if k not in ("part", "gpu_utilisation_mean")}
+    total["part"] = "whole grid (base evaluated once)"
+    total["gpu_utilisation_mean"] = sum(row["gpu_utilisation_mean"] * row["wall_s"] for row in table) / total["wall_s"]
+    table.append(total)
+    write_csv(out / "paper_2b_grid.csv", table)
+    lines = ["", "| paper grid, Gemma 2B shape | wall s | GPU jobs | GPU jobs s | load s | compile s | steady training s | steady generation s | GPU utilisation |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row['part']} | {row['wall_s']:.0f} | {row['gpu_jobs']} | {row['gpu_job_s']:.0f} | {row['load_s']:.0f} | {row['compile_s']:.0f} | "
+                     f"{row['steady_train_s']:.0f} | {row['steady_generate_s']:.0f} | {row['gpu_utilisation_mean']:.0f}% |")
+    return lines
 
 
 def software() -> dict[str, str]:

@@ -4,6 +4,8 @@
 # is warm). Wheels of what the image lacks are carried in .whl/, the workflow
 # as it was before the change in .old/ (git archive of the earlier commit).
 #   bash benchmarks/job_overhead_gpu.sh old|new_cold|new_warm|logits
+# The paper grid's 2B half runs longer than one call: `paper_a` (or `paper_b`)
+# starts it in a session of its own, `wait` follows it over later calls.
 set -euo pipefail
 step=$1
 out=${OUT:-/tmp/job_overhead}
@@ -20,13 +22,21 @@ printf 'compilation_cache: {dir: /tmp/jax_cache}\n' > /tmp/cache.yaml
 workflow() {  # label checkout [snakemake args...]
   local label=$1 checkout=$2; shift 2
   PYTHONPATH=$site:$checkout/src python3 benchmarks/job_overhead.py workflow --checkout "$checkout" \
-    --workdir /tmp/wf_$label --label "$label" --out /tmp/results -- --cores all --resources gpu=1 --configfile "$config" "$@"
+    --workdir /tmp/wf_$label --label "$label" --out /tmp/results -- --cores all --resources gpu=1 --configfile "$@"
 }
+paper=(config/paper.yaml benchmarks/configs/paper_2b_shape.yaml)
 case $step in
-  old) rm -rf /tmp/wf_before /tmp/results/workflow_before.log; workflow before "$PWD/.old" ;;
-  new_cold) rm -rf /tmp/jax_cache; workflow after_cold_cache "$PWD" /tmp/cache.yaml ;;
-  new_warm) workflow after_warm_cache "$PWD" /tmp/cache.yaml ;;
+  old) rm -rf /tmp/wf_before /tmp/results/workflow_before.log; workflow before "$PWD/.old" "$config" ;;
+  new_cold) rm -rf /tmp/jax_cache; workflow after_cold_cache "$PWD" "$config" /tmp/cache.yaml ;;
+  new_warm) workflow after_warm_cache "$PWD" "$config" /tmp/cache.yaml ;;
+  paper_a|paper_b) setsid nohup bash "$0" "run_$step" > /tmp/$step.out 2>&1 < /dev/null & sleep 5 ;;
+  run_paper_?) part=${step#run_paper_}
+    workflow paper_2b_part_$part "$PWD" "${paper[@]}" benchmarks/configs/paper_part_$part.yaml /tmp/cache.yaml
+    touch /tmp/paper_$part.done ;;
+  wait) for _ in $(seq ${2:-100}); do ls /tmp/paper_?.done >/dev/null 2>&1 && break; sleep 5; done
+    tail -n 4 /tmp/wf_paper_2b_part_?/.snakemake/log/*.log || true
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
   logits) PYTHONPATH=$site:$PWD/src python3 benchmarks/job_overhead.py logits --model gemma_2b --batches 4 8 --out /tmp/results ;;
 esac
 cp /tmp/results/* "$out"/ 2>/dev/null || true
-tail -n 3 /tmp/results/results.jsonl | cut -c1-600
+tail -n 3 /tmp/results/results.jsonl 2>/dev/null | cut -c1-600 || true
