@@ -110,3 +110,16 @@ def test_bad_model_override_names_the_key():
         validate_config(config, SCHEMA)
     assert "models.tiny.train: Additional properties are not allowed ('batch_sise' was unexpected)" in str(error.value)
     assert "models.tiny.train.learning_rate: -1 is less than or equal to the minimum of 0" in str(error.value)
+
+
+@pytest.mark.parametrize("layers", [
+    ["config.yaml", "benchmarks/configs/gpu_2b_shape.yaml"],
+    ["config.yaml", "paper.yaml", "benchmarks/configs/paper_2b_shape.yaml", "benchmarks/configs/paper_part_a.yaml"],
+    ["config.yaml", "paper.yaml", "benchmarks/configs/paper_2b_shape.yaml", "benchmarks/configs/paper_part_b.yaml"],
+])
+def test_benchmark_configs_are_valid_as_snakemake_layers_them(layers):
+    merged = {}
+    for name in layers:
+        path = REPO / name if "/" in name else REPO / "config" / name
+        merged = _snakemake_merge(merged, yaml.safe_load(path.read_text()))
+    validate_config(merged, SCHEMA)
