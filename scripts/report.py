@@ -6,6 +6,7 @@ with logging_to(snakemake.log[0]):
         snakemake.input.summary,
         snakemake.input.by_category,
         snakemake.input.split_counts,
+        snakemake.input.duplicates,
         out_path=snakemake.output[0],
         **snakemake.params,
     )

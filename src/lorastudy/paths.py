@@ -14,6 +14,7 @@ TEST = "results/data/test.jsonl"
 VAL = "results/data/val.jsonl"
 TRAIN = "results/data/train_{subset}.jsonl"
 SPLIT_COUNTS = "results/data/split_counts.csv"
+DUPLICATES = "results/data/duplicate_groups.csv"
 
 PRESET = "results/models/{model}/preset"
 

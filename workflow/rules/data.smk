@@ -40,6 +40,7 @@ rule split:
         val=paths.VAL,
         train=expand(paths.TRAIN, subset=SUBSETS),
         counts=paths.SPLIT_COUNTS,
+        duplicates=paths.DUPLICATES,
     log:
         paths.log("data", "split"),
     params:

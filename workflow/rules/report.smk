@@ -39,6 +39,7 @@ rule report:
         summary=paths.SUMMARY,
         by_category=paths.SUMMARY_BY_CATEGORY,
         split_counts=paths.SPLIT_COUNTS,
+        duplicates=paths.DUPLICATES,
         figures=figure_files("png"),
         generations=run_files(paths.generations()),
         generation_stats=run_files(paths.generation_stats()),
