@@ -4,6 +4,8 @@ from lorastudy.report import render_report
 with logging_to(snakemake.log[0]):
     render_report(
         snakemake.input.summary,
+        snakemake.input.cells,
+        snakemake.input.comparisons,
         snakemake.input.by_category,
         snakemake.input.split_counts,
         snakemake.input.duplicates,

@@ -18,13 +18,13 @@ from workflow_helpers import REPO, SNAKEFILE, snakemake, write_config
 pytestmark = pytest.mark.slow
 
 EPOCHS = 6
-RUN_DIR = "results/finetune/tiny/32_r2"
+RUN_DIR = "results/finetune/tiny/32_r2_s0"
 
 
 def long_run_config(tmp_path: Path) -> Path:
     """The smoke config, one job, enough epochs that a kill after the first lands mid-run."""
     config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
-    config["grid"].update(subsets=["32"], ranks=[2], epochs=list(range(1, EPOCHS + 1)))
+    config["grid"].update(subsets=["32"], ranks=[2], seeds=[0], epochs=list(range(1, EPOCHS + 1)))
     return write_config(tmp_path / "long.yaml", config)
 
 

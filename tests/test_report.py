@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import copy
 import html.parser
 import os
@@ -19,7 +20,8 @@ from lorastudy import paths, report
 
 pytestmark = pytest.mark.slow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
-RUNS = ["base"] + [f"{s}_r{r}_epoch{e}" for s in SMOKE["grid"]["subsets"] for r in SMOKE["grid"]["ranks"] for e in SMOKE["grid"]["epochs"]]
+GRID = SMOKE["grid"]
+RUNS = ["base"] + [paths.run_name(*c) for c in itertools.product(GRID["subsets"], GRID["ranks"], GRID["seeds"], GRID["epochs"])]
 
 
 class _Page(html.parser.HTMLParser):
@@ -55,6 +57,21 @@ def test_summary_has_every_run_and_base(smoke_run):
     assert summary.loc[summary["run"] == "base", "rougeL_diff"].isna().all()
 
 
+def test_cells_average_the_seeds_and_the_comparisons_cover_every_axis(smoke_run):
+    summary = pd.read_csv(smoke_run / paths.SUMMARY, dtype={"subset": str})
+    cells = pd.read_csv(smoke_run / paths.CELL_SUMMARY, dtype={"subset": str}).set_index("run")
+    assert len(cells) == 1 + len(GRID["subsets"]) * len(GRID["ranks"]) * len(GRID["epochs"])
+    cell = cells.loc["32_r2_epoch1"]
+    seeds = summary[summary["run"].isin(["32_r2_s0_epoch1", "32_r2_s1_epoch1"])]
+    assert cell["seeds"] == 2 and cell["rougeL_mean"] == pytest.approx(seeds["rougeL_mean"].mean(), abs=1e-5)
+    assert cell["rougeL_seed_sd"] == pytest.approx(seeds["rougeL_mean"].std(ddof=1), abs=1e-5)
+    assert cell["rougeL_low"] <= cell["rougeL_mean"] <= cell["rougeL_high"]
+    compared = pd.read_csv(smoke_run / paths.COMPARISONS)
+    # 2 subsets x 2 ranks x 2 epochs: 4 pairs along each axis, 8 cells against base.
+    assert compared["compares"].value_counts().to_dict() == {"rank": 4, "epoch": 4, "subset": 4, "base": 8}
+    assert compared[["p", "p_holm"]].apply(lambda p: p.between(0, 1)).all().all()
+
+
 def test_every_figure_is_written_as_png_and_pdf(smoke_run):
     for name in paths.FIGURE_NAMES:
         assert (smoke_run / paths.figure(name, "png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,6 +98,7 @@ def test_report_is_html_that_embeds_every_figure_and_shows_the_summary(smoke_run
     assert "can claim" in scope and "DollyEval" in scope and "training seed" in scope
     assert "git commit" in text and "config sha256" in text
     # Where each job's time went, training and evaluation.
+    assert "Which comparisons hold" in text and "seed SD" in text
     assert "Evaluation jobs" in text and "steady tokens/s" in text and "steady new tokens/s" in text and "compile s" in text
     # Opens offline: no image is fetched. (Base64 data may spell "http" by chance, so the sources are checked, not their bytes.)
     assert not any(src.startswith(("http:", "https:", "//")) for src in page.images)

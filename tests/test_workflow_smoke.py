@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import re
 
 import pytest
 import yaml
@@ -26,20 +28,22 @@ def test_smoke_data_is_what_the_generator_makes(tmp_path):
 
 def test_one_adapter_per_epoch_and_plausible_training_records(smoke_run):
     grid = SMOKE["grid"]
-    for subset in grid["subsets"]:
-        for rank in grid["ranks"]:
-            run = smoke_run / "results" / "finetune" / "tiny" / f"{subset}_r{rank}"
-            assert sorted(p.name for p in run.glob("*.lora.h5")) == [f"adapter_epoch{e}.lora.h5" for e in grid["epochs"]]
-            stats = json.loads((run / "train.json").read_text())
-            assert stats["rank"] == rank and stats["training_examples"] == SMOKE["data"]["subsets"][subset]
-            history = list(csv.DictReader(open(run / "history.csv")))
-            assert [int(r["epoch"]) for r in history if r["kind"] == "epoch"] == grid["epochs"]
-            assert all(r["val_loss"] for r in history if r["kind"] == "epoch")
+    adapters = {}
+    for subset, rank, seed in itertools.product(grid["subsets"], grid["ranks"], grid["seeds"]):
+        run = smoke_run / "results" / "finetune" / "tiny" / f"{subset}_r{rank}_s{seed}"
+        adapters[seed] = (run / "adapter_epoch1.lora.h5").read_bytes()
+        assert sorted(p.name for p in run.glob("*.lora.h5")) == [f"adapter_epoch{e}.lora.h5" for e in grid["epochs"]]
+        stats = json.loads((run / "train.json").read_text())
+        assert stats["rank"] == rank and stats["training_examples"] == SMOKE["data"]["subsets"][subset]
+        history = list(csv.DictReader(open(run / "history.csv")))
+        assert [int(r["epoch"]) for r in history if r["kind"] == "epoch"] == grid["epochs"]
+        assert all(r["val_loss"] for r in history if r["kind"] == "epoch")
+    assert adapters[0] != adapters[1], "two training seeds trained the same adapter"
 
 
 def test_generations_for_every_run_and_the_base_model(smoke_run):
     grid = SMOKE["grid"]
-    runs = ["base"] + [f"{s}_r{r}_epoch{e}" for s in grid["subsets"] for r in grid["ranks"] for e in grid["epochs"]]
+    runs = ["base"] + [paths.run_name(*cell) for cell in itertools.product(grid["subsets"], grid["ranks"], grid["seeds"], grid["epochs"])]
     test_ids = [r["id"] for r in read_jsonl(smoke_run / "results" / "data" / "test.jsonl")]
     for run in runs:
         rows = read_jsonl(smoke_run / "results" / "generate" / "tiny" / run / "generations.jsonl")
@@ -55,15 +59,15 @@ def test_jobs_share_the_compilation_cache_and_say_where_their_time_went(smoke_ru
         assert s["load_seconds_this_run"] > 0 and s["steady_tokens_per_second"] >= s["tokens_per_second"] > 0, path
         assert s["batch_widths"] == sorted(s["batch_widths"]) and s["batch_widths"][-1] <= SMOKE["train"]["sequence_length"]
     # One evaluation job per finetune run: every epoch's answers share its load.
-    stats = [json.loads((smoke_run / paths.generation_stats(f"32_r2_epoch{e}").format(model="tiny")).read_text()) for e in (1, 2)]
+    stats = [json.loads((smoke_run / paths.generation_stats(f"32_r2_s1_epoch{e}").format(model="tiny")).read_text()) for e in (1, 2)]
     assert [s["runs_in_job"] for s in stats] == [2, 2] and stats[0]["load_seconds"] == stats[1]["load_seconds"]
-    assert (smoke_run / "logs" / "generate" / "tiny" / "32_r2.log").is_file()
+    assert (smoke_run / "logs" / "generate" / "tiny" / "32_r2_s1.log").is_file()
 
 
 def test_every_job_has_a_log_and_the_expensive_ones_a_benchmark(smoke_run):
     logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
-    assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32_r2.log", "generate/tiny/base.log"} <= logs
-    assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64_r4.tsv").is_file()
+    assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32_r2_s0.log", "generate/tiny/base.log"} <= logs
+    assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64_r4_s1.tsv").is_file()
 
 
 def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
@@ -83,9 +87,9 @@ def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
     assert run == tuned[tuned["rougeL_mean"] == tuned["rougeL_mean"].max()].iloc[0]["run"]
     out = smoke_run / "results" / "export" / model / run
     assert (out / "peft" / "adapter_config.json").is_file() and (out / "peft" / "adapter_model.safetensors").is_file()
-    subset, rank, epoch = run.replace("_r", " ").replace("_epoch", " ").split()
+    subset, rank, seed, epoch = re.fullmatch(r"(\w+)_r(\d+)_s(\d+)_epoch(\d+)", run).groups()
     tuned = load_causal_lm(smoke_run / "results" / "models" / model / "preset")
-    load_adapter(tuned.backbone, smoke_run / f"results/finetune/{model}/{subset}_r{rank}/adapter_epoch{epoch}.lora.h5")
+    load_adapter(tuned.backbone, smoke_run / paths.ADAPTER.format(model=model, subset=subset, rank=rank, seed=seed, epoch=epoch))
     merged = load_causal_lm(out / "merged_preset")
     tokens = np.array([[2, 40, 41, 42, 43]], "int32")
     x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}

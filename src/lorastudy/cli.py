@@ -2,7 +2,7 @@
 
     lorastudy ask --model results/models/gemma3_270m_q4km/preset "Name three rivers."
     lorastudy ask --model results/models/gemma3_270m_q4km/preset \\
-        --adapter results/finetune/gemma3_270m_q4km/1k_r4/adapter_epoch2.lora.h5 "Name three rivers."
+        --adapter results/finetune/gemma3_270m_q4km/1k_r4_s0/adapter_epoch2.lora.h5 "Name three rivers."
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Patterns use Snakemake's `{wildcard}` syntax; the rules import them, and the
 package fills them with `str.format` where it needs a concrete file. A run is
-one fine-tuned adapter, named `{subset}_r{rank}_epoch{epoch}`; the model
-without an adapter is the run `base`.
+one fine-tuned adapter, named `{subset}_r{rank}_s{seed}_epoch{epoch}` (s: the
+training seed); the model without an adapter is the run `base`. A finetune
+job, `{subset}_r{rank}_s{seed}`, trains every epoch of one run.
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ DUPLICATES = "results/data/duplicate_groups.csv"
 
 PRESET = "results/models/{model}/preset"
 
-FINETUNE_DIR = "results/finetune/{model}/{subset}_r{rank}"
+JOB = "{subset}_r{rank}_s{seed}"
+FINETUNE_DIR = "results/finetune/{model}/" + JOB
 ADAPTER = FINETUNE_DIR + "/adapter_epoch{epoch}.lora.h5"
 HISTORY = FINETUNE_DIR + "/history.csv"
 TRAIN_STATS = FINETUNE_DIR + "/train.json"
 
 BASE = "base"
-RUN = "{subset}_r{rank}_epoch{epoch}"
+RUN = JOB + "_epoch{epoch}"
 
 
-def run_name(subset: str, rank: int, epoch: int) -> str:
-    return RUN.format(subset=subset, rank=rank, epoch=epoch)
+def run_name(subset: str, rank: int, seed: int, epoch: int) -> str:
+    return RUN.format(subset=subset, rank=rank, seed=seed, epoch=epoch)
+
+
+def job_of(run: dict) -> dict:
+    """The finetune job's wildcards of a fine-tuned run (a dict of the grid's RUNS)."""
+    return {key: run[key] for key in ("model", "subset", "rank", "seed")}
 
 
 def generations(run: str = "{run}") -> str:
@@ -63,6 +70,9 @@ EXPORT_MERGED = "results/export/{model}/" + RUN + "/merged_preset"
 EXPORT_PEFT = "results/export/{model}/" + RUN + "/peft"
 
 SUMMARY = "results/summary.csv"
+# Per grid cell (model, subset, rank, epochs) over its training seeds.
+CELL_SUMMARY = "results/summary_by_cell.csv"
+COMPARISONS = "results/comparisons.csv"
 SUMMARY_BY_CATEGORY = "results/rouge_by_category.csv"
 FIGURES = "reports/figures"
 REPORT = "reports/report.html"

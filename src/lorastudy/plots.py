@@ -1,8 +1,10 @@
 """The figures stage: comparison plots for the paper, as PNG and PDF.
 
-Every ROUGE-L panel shares one y-scale, so panels compare at a glance; error
-bars and bands are the 95% bootstrap intervals; the base model is a dashed
-line with its interval shaded. Colours are the Okabe-Ito palette, which
+Every ROUGE-L panel shares one y-scale, so panels compare at a glance. Each
+point is a grid cell's mean over its training seeds; error bars and bands are
+95% intervals over seeds and test examples (lorastudy.replicates), and where
+a cell has several seeds, each seed's own score is a small open marker; the
+base model is a dashed line with its interval shaded. Colours are the Okabe-Ito palette, which
 stays distinct under the common forms of colour blindness, and markers vary
 with colour so that a grey print still separates the lines.
 """
@@ -91,8 +93,20 @@ def _finish(fig, axes, title: str) -> plt.Figure:
     return fig
 
 
-def rouge_vs_grid_axis(summary: pd.DataFrame, x_key: str, line_key: str, x_label: str, line_label: str) -> plt.Figure:
+def _seed_points(ax, x, rows: pd.DataFrame, runs: pd.DataFrame | None, i: int) -> None:
+    if runs is None or rows["seeds"].max() < 2:
+        return
+    for xv, (_, cell) in zip(x, rows.iterrows()):
+        seeds = runs[(runs["model"] == cell["model"]) & (runs["subset"] == cell["subset"])
+                     & (runs["rank"] == cell["rank"]) & (runs["epoch"] == cell["epoch"])]
+        ax.scatter([xv] * len(seeds), seeds["rougeL_mean"], s=9, facecolors="none", edgecolors=OKABE_ITO[i % len(OKABE_ITO)],
+                   linewidths=0.7, zorder=3)
+
+
+def rouge_vs_grid_axis(summary: pd.DataFrame, x_key: str, line_key: str, x_label: str, line_label: str,
+                       runs: pd.DataFrame | None = None) -> plt.Figure:
     """ROUGE-L against rank or epochs, one line per value of the other, per model and subset."""
+    runs = _runs(runs) if runs is not None else None
     fig, axes, tuned, models, subsets = _grid(summary)
     ylim = _limits(summary)
     for r, model in enumerate(models):
@@ -102,6 +116,7 @@ def rouge_vs_grid_axis(summary: pd.DataFrame, x_key: str, line_key: str, x_label
             for i, value in enumerate(sorted(cell[line_key].unique())):
                 rows = cell[cell[line_key] == value].sort_values(x_key)
                 _errorbar(ax, rows[x_key], rows, f"{line_label} {value}", i)
+                _seed_points(ax, rows[x_key], rows, runs, i)
             _base_line(ax, summary, model)
             xs = sorted(cell[x_key].unique())
             if x_key == "rank":
@@ -112,15 +127,15 @@ def rouge_vs_grid_axis(summary: pd.DataFrame, x_key: str, line_key: str, x_label
             ax.set_xlabel(x_label[0].upper() + x_label[1:])
             if c == 0:
                 ax.set_ylabel(ROUGE_L)
-    return _finish(fig, axes, f"ROUGE-L on the test split against {x_label} (95% bootstrap intervals)")
+    return _finish(fig, axes, f"ROUGE-L on the test split against {x_label} (95% intervals over seeds and test examples)")
 
 
-def rouge_vs_rank(summary: pd.DataFrame, **_) -> plt.Figure:
-    return rouge_vs_grid_axis(summary, "rank", "epoch", "LoRA rank", "epochs")
+def rouge_vs_rank(summary: pd.DataFrame, runs: pd.DataFrame | None = None, **_) -> plt.Figure:
+    return rouge_vs_grid_axis(summary, "rank", "epoch", "LoRA rank", "epochs", runs)
 
 
-def rouge_vs_epochs(summary: pd.DataFrame, **_) -> plt.Figure:
-    return rouge_vs_grid_axis(summary, "epoch", "rank", "epochs", "rank")
+def rouge_vs_epochs(summary: pd.DataFrame, runs: pd.DataFrame | None = None, **_) -> plt.Figure:
+    return rouge_vs_grid_axis(summary, "epoch", "rank", "epochs", "rank", runs)
 
 
 def rouge_vs_training_size(summary: pd.DataFrame, **_) -> plt.Figure:
@@ -170,21 +185,26 @@ def rouge_heatmap(summary: pd.DataFrame, **_) -> plt.Figure:
     return fig
 
 
-def loss_curves(summary: pd.DataFrame, histories: dict[tuple[str, str, int], pd.DataFrame] | None = None, **_) -> plt.Figure:
-    """Training loss (windowed means) and validation loss (per epoch), per model and subset."""
+def loss_curves(summary: pd.DataFrame, histories: dict[tuple[str, str, int, int], pd.DataFrame] | None = None, **_) -> plt.Figure:
+    """Training loss (windowed means) and validation loss (per epoch), per model and subset; one line per seed."""
     fig, axes, tuned, models, subsets = _grid(summary)
     for r, model in enumerate(models):
         for c, subset in enumerate(subsets):
             ax = axes[r][c]
             ranks = sorted(tuned[(tuned["model"] == model) & (tuned["subset"] == subset)]["rank"].unique())
             for i, rank in enumerate(ranks):
-                h = histories[(model, subset, rank)]
-                epochs = h[h["kind"] == "epoch"]
-                steps_per_epoch = epochs["step"].iloc[0]
-                steps = h[h["kind"] == "steps"]
-                style = _style(i)
-                ax.plot(steps["step"] / steps_per_epoch, steps["loss"], color=style["color"], linewidth=1, label=f"rank {rank} train")
-                ax.plot(epochs["epoch"], epochs["val_loss"], linestyle="--", marker=style["marker"], color=style["color"], markersize=4, linewidth=1, label=f"rank {rank} validation")
+                seeds = sorted(k[3] for k in histories if k[:3] == (model, subset, rank))
+                for j, seed in enumerate(seeds):
+                    h = histories[(model, subset, rank, seed)]
+                    epochs = h[h["kind"] == "epoch"]
+                    steps_per_epoch = epochs["step"].iloc[0]
+                    steps = h[h["kind"] == "steps"]
+                    style = _style(i)
+                    first = j == 0
+                    ax.plot(steps["step"] / steps_per_epoch, steps["loss"], color=style["color"], linewidth=1 if first else 0.6,
+                            alpha=1 if first else 0.6, label=f"rank {rank} train" if first else None)
+                    ax.plot(epochs["epoch"], epochs["val_loss"], linestyle="--", marker=style["marker"], color=style["color"],
+                            markersize=4, linewidth=1, alpha=1 if first else 0.6, label=f"rank {rank} validation" if first else None)
             ax.set_title(f"{model}, subset {subset}")
             ax.set_xlabel("Epoch")
             if c == 0:
@@ -204,7 +224,7 @@ def rouge_vs_cost(summary: pd.DataFrame, x_key: str, x_label: str) -> plt.Figure
     ax.set_ylabel(ROUGE_L)
     ax.set_ylim(*_limits(summary))
     ax.legend(frameon=False, fontsize=8)
-    ax.set_title(f"ROUGE-L against {x_label.split(' (')[0].lower()}, every run")
+    ax.set_title(f"ROUGE-L against {x_label.split(' (')[0].lower()}, every grid cell")
     return fig
 
 
@@ -226,14 +246,14 @@ def rouge_by_category(summary: pd.DataFrame, by_category: pd.DataFrame | None = 
         rows = by_category[by_category["model"] == b["model"]]
         cats = sorted(rows["category"].unique())
         x = np.arange(len(cats))
-        for i, (run, label) in enumerate([(paths.BASE, "base model"), (b["run"], f"best run ({b['run']})")]):
+        for i, (run, label) in enumerate([(paths.BASE, "base model"), (b["run"], f"best configuration ({b['run']})")]):
             values = rows[rows["run"] == run].set_index("category").reindex(cats)["rougeL"]
             ax.bar(x + (i - 0.5) * 0.38, values, width=0.38, label=label, color=OKABE_ITO[i], hatch=["", "//"][i], edgecolor="white")
         ax.set_xticks(x, [c.replace("_", " ") for c in cats], rotation=20, ha="right")
         ax.set_ylabel(ROUGE_L)
         ax.set_title(b["model"])
         ax.legend(frameon=False, fontsize=8)
-    fig.suptitle("ROUGE-L per Dolly category: base model against the best run")
+    fig.suptitle("ROUGE-L per Dolly category: base model against the best configuration")
     return fig
 
 
@@ -250,9 +270,9 @@ FIGURES: dict[str, Callable[..., plt.Figure]] = {
 assert tuple(FIGURES) == paths.FIGURE_NAMES
 
 
-def read_histories(runs: Sequence[dict]) -> dict[tuple[str, str, int], pd.DataFrame]:
-    jobs = {(r["model"], r["subset"], int(r["rank"])) for r in runs if r["run"] != paths.BASE}
-    return {(m, s, k): pd.read_csv(paths.HISTORY.format(model=m, subset=s, rank=k)) for m, s, k in sorted(jobs)}
+def read_histories(runs: Sequence[dict]) -> dict[tuple[str, str, int, int], pd.DataFrame]:
+    jobs = {(r["model"], r["subset"], int(r["rank"]), int(r["seed"])) for r in runs if r["run"] != paths.BASE}
+    return {(m, s, k, seed): pd.read_csv(paths.HISTORY.format(model=m, subset=s, rank=k, seed=seed)) for m, s, k, seed in sorted(jobs)}
 
 
 def save(fig: plt.Figure, png: str | os.PathLike, pdf: str | os.PathLike) -> None:
@@ -268,17 +288,21 @@ def save(fig: plt.Figure, png: str | os.PathLike, pdf: str | os.PathLike) -> Non
 
 def render_figures(
     summary_path: str | os.PathLike,
+    cells_path: str | os.PathLike,
     by_category_path: str | os.PathLike,
     runs: Sequence[dict],
     png: Sequence[str | os.PathLike] | None = None,
     pdf: Sequence[str | os.PathLike] | None = None,
 ) -> None:
     """Draw every figure (in `paths.FIGURE_NAMES` order) from the summary tables and training histories."""
-    summary = read_summary(summary_path)
-    by_category = pd.read_csv(by_category_path, dtype={"run": str})
+    from lorastudy.replicates import by_cell
+
+    summary = read_summary(cells_path)
+    per_run = read_summary(summary_path)
+    by_category = by_cell(pd.read_csv(by_category_path, dtype={"run": str}))
     histories = read_histories(runs)
     png = png or [paths.figure(n, "png") for n in paths.FIGURE_NAMES]
     pdf = pdf or [paths.figure(n, "pdf") for n in paths.FIGURE_NAMES]
     for (name, draw), png_path, pdf_path in zip(FIGURES.items(), png, pdf, strict=True):
-        save(draw(summary, histories=histories, by_category=by_category), png_path, pdf_path)
+        save(draw(summary, runs=per_run, histories=histories, by_category=by_category), png_path, pdf_path)
         log.info("figure %s written", name)

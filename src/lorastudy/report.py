@@ -28,6 +28,7 @@ from lorastudy import paths
 from lorastudy.data import PUBLISHED_DOLLY_SHA256
 from lorastudy.io import atomic_open, read_jsonl
 from lorastudy.plots import read_summary
+from lorastudy.replicates import by_cell, cell_of_run
 from lorastudy.summary import best_runs
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ SUMMARY_COLUMNS = {
     "run": "run",
     "training_records": "records",
     "rank": "rank",
+    "seed": "seed",
     "epoch": "epoch",
+    "seeds": "seeds",
     "trainable_parameters": "trainable params",
     "train_seconds": "train s",
     "steady_tokens_per_second": "steady tokens/s",
@@ -57,6 +60,7 @@ SUMMARY_COLUMNS = {
     "rougeL_mean": "ROUGE-L",
     "rougeL_low": "ROUGE-L low",
     "rougeL_high": "ROUGE-L high",
+    "rougeL_seed_sd": "ROUGE-L seed SD",
     "rougeLsum_mean": "ROUGE-Lsum",
     "rougeL_diff": "Δ ROUGE-L vs base",
     "rougeL_diff_low": "Δ low",
@@ -85,14 +89,16 @@ def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str,
     g = config["generate"]
     decoding = "greedy decoding" if g["sampler"] == "greedy" else (
         f"top-{g['top_k']} sampling at temperature {g['temperature']} (seed {g['seed']})")
+    seeds = config["grid"]["seeds"]
     cannot = [
-        "How far a result moves with the training seed: each run is one training seed "
-        f"(train.seed {config['train']['seed']}), and the intervals resample test examples only.",
         "A comparison with published Dolly results: those follow DollyEval (context in the prompt, "
         "sampling at temperature 1 averaged over 5 seeds, prompts of at most 256 tokens and answers of at most 256); "
         f"this report uses {decoding}, at most {g['max_new_tokens']} new tokens, "
         f"records with a context {'dropped' if config['data']['context'] == 'drop' else 'folded into the prompt'}.",
     ]
+    if len(seeds) == 1:
+        cannot.insert(0, f"How far a result moves with the training seed: every cell is trained with one seed ({seeds[0]}), "
+                         "so its intervals cover test examples only.")
     if not published:
         cannot.insert(0, "Anything about Dolly: the data is not the published file.")
     if tiny:
@@ -102,11 +108,13 @@ def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str,
         "weights": {m: WEIGHTS[config["models"][m]["source"]].format(preset=config["models"][m].get("preset", ""))
                     for m in config["grid"]["models"]},
         "decoding": decoding,
-        "seeds": {"data split": config["data"]["seed"], "training": config["train"]["seed"],
+        "seeds": {"data split": config["data"]["seed"], "training": ", ".join(map(str, seeds)),
                   "generation": g["seed"] if g["sampler"] != "greedy" else "none (greedy)",
                   "bootstrap": config["score"]["seed"]},
         "can": "Differences between the runs of this grid, and against each model's base, on this test split "
-               f"under this protocol, with {config['score']['confidence']:.0%} intervals over its test examples.",
+               f"under this protocol, with {config['score']['confidence']:.0%} intervals over "
+               + ("its test examples." if len(seeds) == 1 else f"the {len(seeds)} training seeds and the test examples; "
+                  "the comparisons table says which differences hold after Holm's correction."),
         "cannot": cannot,
     }
 
@@ -145,37 +153,45 @@ def _table(frame: pd.DataFrame, **kwargs) -> str:
 
 def _summary_table(summary: pd.DataFrame) -> str:
     table = summary[[c for c in SUMMARY_COLUMNS if c in summary]].rename(columns=SUMMARY_COLUMNS)
-    for c in ("rank", "epoch", "records", "trainable params"):
+    for c in ("rank", "seed", "epoch", "seeds", "records", "trainable params"):
         if c in table:
             # Whole numbers, and blank (not <NA>) on the base rows.
             table[c] = [("" if pd.isna(v) else str(int(v))) for v in table[c]]
     return _table(table)
 
 
+def _comparisons_table(compared: pd.DataFrame) -> str:
+    """Which comparisons hold, per kind: the held ones first, then by Holm's p."""
+    table = compared.assign(holds=compared["holds"].map({True: "yes", False: "no"}))
+    table = table.sort_values(["model", "compares", "holds", "p_holm"], ascending=[True, True, False, True], kind="stable")
+    return _table(table.rename(columns={"difference": "Δ ROUGE-L (a − b)", "p_holm": "p (Holm)"}))
+
+
 def _answers(runs: Sequence[dict], best: pd.DataFrame, per_category: int) -> list[dict[str, Any]]:
-    """For each model: test prompts of every category with reference, base and best answers."""
+    """For each model: test prompts of every category with reference, base and best answers (its first seed's)."""
     out = []
     for _, b in best.iterrows():
+        run = next(r["run"] for r in runs if r["model"] == b["model"] and cell_of_run(r["run"]) == b["run"])
         read = lambda run: read_jsonl(paths.generations(run).format(model=b["model"]))  # noqa: E731
         base = {r["id"]: r for r in read(paths.BASE)}
         examples = []
-        for row in sorted(read(b["run"]), key=lambda r: (r["category"], r["id"])):
+        for row in sorted(read(run), key=lambda r: (r["category"], r["id"])):
             if sum(e["category"] == row["category"] for e in examples) < per_category:
                 examples.append({**row, "base": base[row["id"]]["prediction"]})
-        out.append({"model": b["model"], "run": b["run"], "examples": examples})
+        out.append({"model": b["model"], "run": run, "examples": examples})
     return out
 
 
 def _training_jobs(runs: Sequence[dict]) -> pd.DataFrame:
     """One row per finetune job: what it trained on, where, and where its time went."""
-    jobs = sorted({(r["model"], r["subset"], int(r["rank"])) for r in runs if r["run"] != paths.BASE})
+    jobs = sorted({(r["model"], r["subset"], int(r["rank"]), int(r["seed"])) for r in runs if r["run"] != paths.BASE})
     rows = []
-    for model, subset, rank in jobs:
-        s = json.loads(Path(paths.TRAIN_STATS.format(model=model, subset=subset, rank=rank)).read_text())
+    for model, subset, rank, seed in jobs:
+        s = json.loads(Path(paths.TRAIN_STATS.format(model=model, subset=subset, rank=rank, seed=seed)).read_text())
         peak = s["peak_device_memory_bytes"] or s["peak_host_memory_bytes"]
         rows.append(
             {
-                "model": model, "subset": subset, "rank": rank,
+                "model": model, "subset": subset, "rank": rank, "seed": seed,
                 "records": s["training_records"], "truncated": s["truncated_examples"], "skipped": s["skipped_examples"],
                 "device": f"{s['device']} ({s['backend']}, {s['dtype']})",
                 "batch widths": " ".join(map(str, s["batch_widths"])),
@@ -208,6 +224,8 @@ def _generation_runs(runs: Sequence[dict]) -> pd.DataFrame:
 
 def render_report(
     summary_path: str | os.PathLike,
+    cells_path: str | os.PathLike,
+    comparisons_path: str | os.PathLike,
     by_category_path: str | os.PathLike,
     split_counts_path: str | os.PathLike,
     duplicates_path: str | os.PathLike,
@@ -220,8 +238,10 @@ def render_report(
 ) -> None:
     """Write the HTML report from the summary, figures and generations."""
     summary = read_summary(summary_path)
-    by_category = pd.read_csv(by_category_path, dtype={"run": str})
-    best = best_runs(summary)
+    cells = read_summary(cells_path)
+    by_category = by_cell(pd.read_csv(by_category_path, dtype={"run": str}))
+    best = best_runs(cells)
+    compared = pd.read_csv(comparisons_path)
     pivot = (
         by_category[by_category.apply(lambda r: r["run"] in (paths.BASE, *best.loc[best["model"] == r["model"], "run"]), axis=1)]
         .assign(column=lambda f: f["model"] + " · " + f["run"])
@@ -235,6 +255,10 @@ def render_report(
         "split_counts": _table(pd.read_csv(split_counts_path)),
         "scope": scope(config, duplicate_counts(duplicates_path)),
         "summary": _summary_table(summary),
+        "cells": _summary_table(cells),
+        "seeds": config["grid"]["seeds"],
+        "comparisons": _comparisons_table(compared),
+        "comparisons_count": len(compared),
         "best": best.to_dict("records"),
         "figures": [{"name": n, "uri": data_uri(p), "caption": CAPTIONS[n]} for n, p in figures.items()],
         "by_category": _table(pivot),

@@ -19,6 +19,7 @@ import pandas as pd
 
 from lorastudy import paths
 from lorastudy.io import atomic_open
+from lorastudy.replicates import cell_summary, comparisons
 from lorastudy.scoring import ROUGE_TYPES, paired_difference
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ def _rouge_columns(summary: dict[str, Any]) -> dict[str, float]:
     return {f"{key}_{stat}": summary[key][stat] for key in ROUGE_TYPES for stat in ("mean", "low", "high")}
 
 
-def _training(model: str, subset: str, rank: int, epoch: int) -> dict[str, Any]:
-    where = {"model": model, "subset": subset, "rank": rank}
+def _training(run: dict[str, Any]) -> dict[str, Any]:
+    where, epoch = paths.job_of(run), run["epoch"]
     stats = _read_json(paths.TRAIN_STATS.format(**where))
     history = pd.read_csv(paths.HISTORY.format(**where))
     at_epoch = history[(history["kind"] == "epoch") & (history["epoch"] == epoch)]
@@ -52,22 +53,25 @@ def summarize(
     runs: Sequence[dict[str, Any]],
     summary_path: str | os.PathLike,
     by_category_path: str | os.PathLike,
+    cells_path: str | os.PathLike,
+    comparisons_path: str | os.PathLike,
     bootstrap_samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Write the summary table and the per-category table of `runs`.
+    """Write the summary of every run, per category, per grid cell over seeds, and the comparisons.
 
     Each run is {"model", "run", and for fine-tuned runs "subset", "rank",
-    "epoch"}; every model's base run must be among them.
+    "seed", "epoch"}; every model's base run must be among them.
     """
     rows, categories, per_example = [], [], {}
     for r in runs:
         files = {k: v.format(model=r["model"]) for k, v in paths.scores(r["run"]).items()}
         per_example[(r["model"], r["run"])] = pd.read_csv(files["per_example"])
-        row = {"model": r["model"], "run": r["run"], "subset": r.get("subset"), "rank": r.get("rank"), "epoch": r.get("epoch")}
+        row = {"model": r["model"], "run": r["run"], "subset": r.get("subset"), "rank": r.get("rank"),
+               "seed": r.get("seed"), "epoch": r.get("epoch")}
         if r["run"] != paths.BASE:
-            row.update(_training(r["model"], r["subset"], r["rank"], r["epoch"]))
+            row.update(_training(r))
         row.update(_rouge_columns(_read_json(files["summary"])))
         rows.append(row)
         categories.append(pd.read_csv(files["by_category"]).assign(model=r["model"], run=r["run"]))
@@ -89,7 +93,15 @@ def summarize(
     by_category = pd.concat(categories)[["model", "run", "category", *ROUGE_TYPES, "examples"]]
     with atomic_open(by_category_path) as f:
         by_category.to_csv(f, index=False, float_format="%.6f")
-    log.info("summary of %d runs written to %s", len(table), summary_path)
+    bootstrap = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed}
+    cells = cell_summary(table, per_example, **bootstrap)
+    with atomic_open(cells_path) as f:
+        cells.to_csv(f, index=False, float_format="%.6g")
+    compared = comparisons(table, per_example, **bootstrap)
+    with atomic_open(comparisons_path) as f:
+        compared.to_csv(f, index=False, float_format="%.6g")
+    log.info("summary of %d runs in %d cells written to %s; %d of %d comparisons hold after Holm's correction",
+             len(table), len(cells), summary_path, int(compared["holds"].sum()), len(compared))
     return table
 
 

@@ -18,8 +18,9 @@ wildcard_constraints:
     model="|".join(config["models"]),
     subset="|".join(SUBSETS),
     rank=r"\d+",
+    seed=r"\d+",
     epoch=r"\d+",
-    run=rf"{paths.BASE}|({'|'.join(SUBSETS)})_r\d+_epoch\d+",
+    run=rf"{paths.BASE}|({'|'.join(SUBSETS)})_r\d+_s\d+_epoch\d+",
 
 
 def settings(section):
@@ -41,13 +42,21 @@ def prepare_model_input(wildcards):
 RUNS = [
     {"model": model, "run": paths.BASE} for model in GRID["models"]
 ] + [
-    {"model": model, "run": paths.run_name(subset, rank, epoch), "subset": subset, "rank": rank, "epoch": epoch}
+    {
+        "model": model,
+        "run": paths.run_name(subset, rank, seed, epoch),
+        "subset": subset,
+        "rank": rank,
+        "seed": seed,
+        "epoch": epoch,
+    }
     for model in GRID["models"]
     for subset in GRID["subsets"]
     for rank in GRID["ranks"]
+    for seed in GRID["seeds"]
     for epoch in GRID["epochs"]
 ]
-FINETUNE_JOBS = sorted({(r["model"], r["subset"], r["rank"]) for r in RUNS if r["run"] != paths.BASE})
+FINETUNE_JOBS = sorted({(r["model"], r["subset"], r["rank"], r["seed"]) for r in RUNS if r["run"] != paths.BASE})
 
 
 def run_files(pattern):
@@ -55,7 +64,7 @@ def run_files(pattern):
 
 
 def finetune_files(pattern):
-    return [pattern.format(model=m, subset=s, rank=k) for m, s, k in FINETUNE_JOBS]
+    return [pattern.format(model=m, subset=s, rank=k, seed=seed) for m, s, k, seed in FINETUNE_JOBS]
 
 
 def figure_files(ext):

@@ -35,9 +35,9 @@ rule generate:
         generations=expand(paths.generations(paths.RUN), epoch=GRID["epochs"], allow_missing=True),
         stats=expand(paths.generation_stats(paths.RUN), epoch=GRID["epochs"], allow_missing=True),
     log:
-        paths.log("generate", "{model}/{subset}_r{rank}"),
+        paths.log("generate", "{model}/" + paths.JOB),
     benchmark:
-        paths.benchmark("generate", "{model}/{subset}_r{rank}")
+        paths.benchmark("generate", "{model}/" + paths.JOB)
     params:
         rank=lambda wildcards: int(wildcards.rank),
         template=lambda wildcards: config["prompt"]["template"],

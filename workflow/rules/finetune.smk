@@ -8,13 +8,14 @@ rule finetune:
         history=paths.HISTORY,
         stats=paths.TRAIN_STATS,
     log:
-        paths.log("finetune", "{model}/{subset}_r{rank}"),
+        paths.log("finetune", "{model}/" + paths.JOB),
     benchmark:
-        paths.benchmark("finetune", "{model}/{subset}_r{rank}")
+        paths.benchmark("finetune", "{model}/" + paths.JOB)
     params:
         rank=lambda wildcards: int(wildcards.rank),
         template=lambda wildcards: config["prompt"]["template"],
-        settings=settings("train"),
+        # The grid's seed is the run's training seed (LoRA initialisation, batch order).
+        settings=lambda wildcards: model_settings(config, wildcards.model, "train") | {"seed": int(wildcards.seed)},
         compilation_cache=config["compilation_cache"],
     threads: 8
     resources:

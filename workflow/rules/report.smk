@@ -6,6 +6,8 @@ checkpoint summarize:
     output:
         summary=report(paths.SUMMARY, caption="../report/summary.rst", category="Summary"),
         by_category=paths.SUMMARY_BY_CATEGORY,
+        cells=paths.CELL_SUMMARY,
+        comparisons=paths.COMPARISONS,
     log:
         paths.log("report", "summarize"),
     params:
@@ -18,6 +20,7 @@ checkpoint summarize:
 rule figures:
     input:
         summary=paths.SUMMARY,
+        cells=paths.CELL_SUMMARY,
         by_category=paths.SUMMARY_BY_CATEGORY,
         histories=finetune_files(paths.HISTORY),
     output:
@@ -37,6 +40,8 @@ rule figures:
 rule report:
     input:
         summary=paths.SUMMARY,
+        cells=paths.CELL_SUMMARY,
+        comparisons=paths.COMPARISONS,
         by_category=paths.SUMMARY_BY_CATEGORY,
         split_counts=paths.SPLIT_COUNTS,
         duplicates=paths.DUPLICATES,
