@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -123,3 +124,25 @@ def test_benchmark_configs_are_valid_as_snakemake_layers_them(layers):
         path = REPO / name if "/" in name else REPO / "config" / name
         merged = _snakemake_merge(merged, yaml.safe_load(path.read_text()))
     validate_config(merged, SCHEMA)
+
+
+def test_dolly_eval_layer_sets_every_setting_the_protocol_fixes():
+    merged = {}
+    for name in ("config.yaml", "paper.yaml", "dolly_eval.yaml"):
+        merged = _snakemake_merge(merged, load(name))
+    validate_config(merged, SCHEMA)
+    assert merged["generate"]["protocol"] == "dolly_eval" and merged["data"]["context"] == "include"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["generate"].update(temperature=0.7), "generate.temperature: the dolly_eval protocol needs 1.0, got 0.7"),
+    (lambda c: c["generate"].update(seeds=[1, 2]), "generate.seeds: the dolly_eval protocol averages 5 generation seeds"),
+    (lambda c: c["data"].update(context="drop"), "data.context: the dolly_eval protocol needs 'include', got 'drop'"),
+    (lambda c: c["models"]["gemma_2b_en"].update(generate={"max_new_tokens": 64}),
+     "models.gemma_2b_en.generate.max_new_tokens: the dolly_eval protocol needs 256, got 64"),
+])
+def test_dolly_eval_with_a_setting_changed_is_refused_by_name(change, message):
+    merged = _snakemake_merge(load("paper.yaml"), load("dolly_eval.yaml"))
+    change(merged)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(merged, SCHEMA)

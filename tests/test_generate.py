@@ -99,3 +99,30 @@ def test_adapters_of_another_rank_in_one_job_fail_clearly(tiny_preset, tiny_data
     with pytest.raises(AdapterError, match="rank2.lora.h5 is LoraSpec.rank=2"):
         generate(tiny_preset, tiny_data["test"], [tmp_path / "a.jsonl", tmp_path / "b.jsonl"], [tmp_path / "a.json", tmp_path / "b.json"],
                  DEFAULT_TEMPLATE, adapters=[tmp_path / "first.lora.h5", tmp_path / "rank2.lora.h5"], settings=SETTINGS)
+
+
+def test_several_generation_seeds_answer_as_samplers_built_with_each_seed(tiny_preset, tiny_data, tmp_path):
+    """dolly_eval's five seeds reuse one compiled program; each answers as its own seeded sampler would."""
+    sampled = {**SETTINGS, "sampler": "random", "temperature": 1.0}
+    (stats,) = generate(tiny_preset, tiny_data["test"], [tmp_path / "seeds.jsonl"], [tmp_path / "seeds.json"],
+                        DEFAULT_TEMPLATE, settings={**sampled, "seeds": [10, 20, 30]})
+    rows = read_jsonl(tmp_path / "seeds.jsonl")
+    assert all(len(r["predictions"]) == 3 and r["prediction"] == r["predictions"][0] for r in rows)
+    assert stats["answer_seeds"] == [10, 20, 30] and stats["compiled_programs"] >= 1
+    for k, seed in enumerate((10, 20, 30)):
+        generate(tiny_preset, tiny_data["test"], [tmp_path / f"s{seed}.jsonl"], [tmp_path / f"s{seed}.json"],
+                 DEFAULT_TEMPLATE, settings={**sampled, "seed": seed})
+        assert [r["prediction"] for r in read_jsonl(tmp_path / f"s{seed}.jsonl")] == [r["predictions"][k] for r in rows]
+    assert any(len(set(r["predictions"])) > 1 for r in rows), "three seeds gave the same answers everywhere"
+    assert stats["new_tokens"] == sum(sum(r["new_tokens_per_seed"]) for r in rows)
+
+
+def test_long_prompts_keep_bos_and_their_last_tokens(tiny_preset):
+    from lorastudy.generate import prompt_token_ids
+    from lorastudy.models import load_causal_lm
+
+    tokenizer = load_causal_lm(tiny_preset).preprocessor.tokenizer
+    prompts = ["short", "a much longer prompt " * 20]
+    full, cut = prompt_token_ids(tokenizer, prompts), prompt_token_ids(tokenizer, prompts, max_tokens=10)
+    assert cut[0] == full[0] and len(full[1]) > 10
+    assert cut[1] == [tokenizer.start_token_id, *full[1][-9:]]

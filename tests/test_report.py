@@ -187,3 +187,23 @@ def test_scope_says_when_data_or_weights_cannot_support_any_claim():
     s = scope(config, {"groups": 0, "records": 0, "dropped": 0})
     assert not s["data"]["published"]
     assert s["cannot"][0].startswith("Anything about a real model") and s["cannot"][1].startswith("Anything about Dolly")
+
+
+def test_scope_under_dolly_eval_names_the_protocol_and_what_still_differs():
+    from lorastudy.report import scope
+
+    config = {}
+    for name in ("config.yaml", "paper.yaml", "dolly_eval.yaml"):
+        config = _merged(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    s = scope(_validated(config), {"groups": 0, "records": 0, "dropped": 0})
+    assert s["decoding"].startswith("DollyEval") and "5 generation seeds (10, 20, 30, 40, 50)" in s["decoding"]
+    assert any(c.startswith("A like-for-like comparison") for c in s["cannot"])
+    assert s["seeds"]["training"] == "0, 1, 2" and not any("training seed" in c for c in s["cannot"])
+
+
+def _merged(base: dict, override: dict) -> dict:
+    from snakemake.utils import update_config
+
+    merged = copy.deepcopy(base)
+    update_config(merged, override)
+    return merged

@@ -122,3 +122,16 @@ def test_score_generations_writes_all_three_files(tmp_path):
     by_category = pd.read_csv(tmp_path / "c.csv").set_index("category")
     assert by_category.loc["open_qa", "examples"] == 4
     assert by_category.loc["open_qa", "rougeL"] == pytest.approx(per_example.loc[[0, 1, 3, 4], "rougeL"].mean(), abs=1e-6)
+
+
+def test_answers_of_several_generation_seeds_are_scored_as_their_mean():
+    from lorastudy.scoring import answer_scores
+
+    rows = [{"reference": "the cat sat on the mat", "prediction": "the cat sat", "predictions": ["the cat sat", "a dog ran", "the mat"]},
+            {"reference": "blue sky", "prediction": "blue sky", "predictions": ["blue sky", "sky", "blue sky"]}]
+    scores = answer_scores(rows)
+    for i, row in enumerate(rows):
+        each = rouge_per_example(row["predictions"], [row["reference"]] * 3)
+        assert scores.loc[i].to_dict() == pytest.approx(each.mean().to_dict())
+    with pytest.raises(ValueError, match="different numbers of generation seeds"):
+        answer_scores([rows[0], {"reference": "x", "prediction": "x"}])

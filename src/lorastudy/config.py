@@ -59,6 +59,7 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
         raise ConfigError("invalid config:\n" + "\n".join(lines))
     check_model_overrides(config, schema)
     check_grid(config)
+    check_protocol(config)
 
 
 OVERRIDABLE = ("train", "generate")
@@ -90,6 +91,40 @@ def check_model_overrides(config: MutableMapping[str, Any], schema: dict[str, An
                 lines.append(f"  models.{name}.{section}{'.' if e.absolute_path else ''}{_key(e) if e.absolute_path else ''}: {e.message}")
     if lines:
         raise ConfigError("invalid config:\n" + "\n".join(sorted(lines)))
+
+
+# What published Dolly results were scored under (DollyEval, from MiniLLM, Gu et
+# al., ICLR 2024): 500 held-out records with their context, sampling at
+# temperature 1 and top-p 1 over 5 seeds, prompts <= 256 and answers <= 256 tokens.
+DOLLY_EVAL = {
+    "data.context": "include",
+    "data.test_size": 500,
+    "generate.sampler": "random",
+    "generate.temperature": 1.0,
+    "generate.max_new_tokens": 256,
+    "generate.max_prompt_tokens": 256,
+}
+DOLLY_EVAL_SEEDS = 5
+
+
+def check_protocol(config: MutableMapping[str, Any]) -> None:
+    """`generate.protocol: dolly_eval` holds only with every setting the protocol fixes (models' overrides too)."""
+    if config["generate"]["protocol"] != "dolly_eval":
+        return
+    problems = []
+    for key, expected in DOLLY_EVAL.items():
+        section, name = key.split(".")
+        places = [(key, config[section])] + [
+            (f"models.{m}.{key}", model_settings(config, m, section)) for m in config["grid"]["models"]
+            if name in config["models"][m].get(section, {})
+        ]
+        problems += [f"  {where}: the dolly_eval protocol needs {expected!r}, got {values[name]!r}"
+                     for where, values in places if values[name] != expected]
+    seeds = config["generate"]["seeds"]
+    if seeds is None or len(seeds) != DOLLY_EVAL_SEEDS:
+        problems.append(f"  generate.seeds: the dolly_eval protocol averages {DOLLY_EVAL_SEEDS} generation seeds, got {seeds!r}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
 
 
 def check_grid(config: MutableMapping[str, Any]) -> None:

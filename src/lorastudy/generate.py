@@ -38,12 +38,26 @@ class GenerateSettings:
 
     batch_size: int = 16
     max_new_tokens: int = 128
+    protocol: str = "greedy"
     sampler: str = "greedy"
     top_k: int = 5
     temperature: float = 1.0
     seed: int = 0
+    seeds: tuple[int, ...] | None = None
+    max_prompt_tokens: int | None = None
     precision: str = "auto"
     pad_multiple: int = 64
+
+    def __post_init__(self):
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(self.seeds))
+
+    @property
+    def answer_seeds(self) -> tuple[int | None, ...]:
+        """One answer per generation seed; greedy decoding needs none."""
+        if self.sampler == "greedy":
+            return (None,)
+        return self.seeds or (self.seed,)
 
 
 def make_sampler(settings: GenerateSettings):
@@ -53,7 +67,9 @@ def make_sampler(settings: GenerateSettings):
         return keras_hub.samplers.GreedySampler()
     if settings.sampler == "top_k":
         return keras_hub.samplers.TopKSampler(k=settings.top_k, seed=settings.seed, temperature=settings.temperature)
-    raise ValueError(f"generate.sampler must be 'greedy' or 'top_k', got {settings.sampler!r}")
+    if settings.sampler == "random":
+        return keras_hub.samplers.RandomSampler(seed=settings.seed, temperature=settings.temperature)
+    raise ValueError(f"generate.sampler must be 'greedy', 'top_k' or 'random', got {settings.sampler!r}")
 
 
 def load_for_generation(
@@ -96,17 +112,26 @@ class Generator:
         # afresh, so that answers do not depend on what was generated before.
         self.sampler_variables = causal_lm.sampler.variables
         self.sampler_start = [np.array(v.value) for v in self.sampler_variables]
+        seed_generator = getattr(causal_lm.sampler, "seed_generator", None)
+        self.seed_state = None if seed_generator is None else seed_generator.state
 
     @classmethod
     def for_task(cls, causal_lm, settings: GenerateSettings) -> "Generator":
         tokenizer = causal_lm.preprocessor.tokenizer
         return cls(causal_lm, settings, tokenizer.end_token_id, tokenizer.pad_token_id)
 
-    def __call__(self, prompt_ids: Sequence[list[int]]) -> list[dict[str, Any]]:
-        """Generate for every prompt; returns, in input order, new token ids and whether <eos> ended them."""
+    def __call__(self, prompt_ids: Sequence[list[int]], seed: int | None = None) -> list[dict[str, Any]]:
+        """Generate for every prompt; returns, in input order, new token ids and whether <eos> ended them.
+
+        `seed` restarts a seeded sampler as `keras.random.SeedGenerator(seed)`
+        starts (state [seed, 0]), so each seed reuses the compiled program and
+        answers as a sampler built with that seed would.
+        """
         s = self.settings
         for variable, value in zip(self.sampler_variables, self.sampler_start):
             variable.assign(value)
+        if seed is not None and self.seed_state is not None:
+            self.seed_state.assign(np.array([seed, 0], self.seed_state.dtype))
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         results: list[dict[str, Any]] = [{}] * len(prompt_ids)
         for start in range(0, len(order), s.batch_size):
@@ -136,9 +161,12 @@ class Generator:
         return results
 
 
-def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """`<bos>` and the prompt's tokens, as in training."""
-    return [[tokenizer.start_token_id, *ids] for ids in token_lists(tokenizer, prompts)]
+def prompt_token_ids(tokenizer, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+    """`<bos>` and the prompt's tokens, as in training; over `max_tokens`, `<bos>` and the last ones."""
+    ids = [[tokenizer.start_token_id, *ids] for ids in token_lists(tokenizer, prompts)]
+    if max_tokens is None:
+        return ids
+    return [row if len(row) <= max_tokens else [row[0], *row[len(row) - max_tokens + 1 :]] for row in ids]
 
 
 def detokenize(tokenizer, ids: list[int]) -> str:
@@ -177,7 +205,8 @@ def generate(
     causal_lm = load_for_generation(preset, runs[0], rank, s)
     tokenizer = causal_lm.preprocessor.tokenizer
     generator = Generator.for_task(causal_lm, s)
-    prompt_ids = prompt_token_ids(tokenizer, prompts)
+    prompt_ids = prompt_token_ids(tokenizer, prompts, s.max_prompt_tokens)
+    truncated = sum(len(p) > len(q) for p, q in zip(prompt_token_ids(tokenizer, prompts), prompt_ids))
     load_seconds = time.perf_counter() - started
     all_stats = []
     for adapter, out_path, stats_path in zip(runs, out_paths, stats_paths):
@@ -185,7 +214,7 @@ def generate(
             swap_adapter(causal_lm.backbone, adapter, runs[0])
         with clock.region() as compiled:
             run_started = time.perf_counter()
-            outputs = generator(prompt_ids)
+            outputs = [generator(prompt_ids, seed) for seed in s.answer_seeds]
             seconds = time.perf_counter() - run_started
         rows = answer_rows(records, prompts, prompt_ids, outputs, tokenizer)
         write_jsonl(out_path, rows)
@@ -194,14 +223,17 @@ def generate(
             "adapter": None if adapter is None else str(adapter),
             "prompts": len(rows),
             "batch_size": s.batch_size,
+            "protocol": s.protocol,
             "sampler": s.sampler,
+            "answer_seeds": list(s.answer_seeds),
             "max_new_tokens": s.max_new_tokens,
+            "prompts_truncated": truncated,
             "stopped_at_eos": sum(r["stopped_at_eos"] for r in rows),
             # Loading the model is shared by every run of the job; compilation
             # falls to the first run at each batch shape (or the persistent cache).
             "runs_in_job": len(runs),
             "load_seconds": load_seconds,
-            **timing(sum(r["new_tokens"] for r in rows), seconds, compiled),
+            **timing(sum(sum(r.get("new_tokens_per_seed", [r["new_tokens"]])) for r in rows), seconds, compiled),
         }
         write_json(stats_path, stats)
         log.info("generated %s", stats)
@@ -210,20 +242,30 @@ def generate(
 
 
 def answer_rows(records, prompts, prompt_ids, outputs, tokenizer) -> list[dict[str, Any]]:
-    """One row per test record: its id and category, the prompt, the reference and the model's answer."""
-    return [
-        {
+    """One row per test record: its id and category, the prompt, the reference and the model's answer.
+
+    `outputs` holds one list per generation seed; with several, the row also
+    lists every seed's answer (`predictions`, the first being `prediction`),
+    which the score stage averages.
+    """
+    rows = []
+    for i, (record, text, ids) in enumerate(zip(records, prompts, prompt_ids)):
+        answers = [seed_outputs[i] for seed_outputs in outputs]
+        row = {
             "id": record["id"],
             "category": record["category"],
             "prompt": text,
             "reference": record["response"],
-            "prediction": detokenize(tokenizer, out["new_ids"]),
+            "prediction": detokenize(tokenizer, answers[0]["new_ids"]),
             "prompt_tokens": len(ids),
-            "new_tokens": len(out["new_ids"]),
-            "stopped_at_eos": out["stopped"],
+            "new_tokens": len(answers[0]["new_ids"]),
+            "stopped_at_eos": answers[0]["stopped"],
         }
-        for record, text, ids, out in zip(records, prompts, prompt_ids, outputs)
-    ]
+        if len(answers) > 1:
+            row["predictions"] = [detokenize(tokenizer, a["new_ids"]) for a in answers]
+            row["new_tokens_per_seed"] = [len(a["new_ids"]) for a in answers]
+        rows.append(row)
+    return rows
 
 
 def timing(new_tokens: int, seconds: float, compiled: Spent) -> dict[str, Any]:

@@ -87,14 +87,27 @@ def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str,
     published = config["dolly"]["sha256"] == PUBLISHED_DOLLY_SHA256
     tiny = [m for m in config["grid"]["models"] if config["models"][m]["source"] == "tiny"]
     g = config["generate"]
-    decoding = "greedy decoding" if g["sampler"] == "greedy" else (
-        f"top-{g['top_k']} sampling at temperature {g['temperature']} (seed {g['seed']})")
+    answer_seeds = g["seeds"] or [g["seed"]]
+    decoding = {
+        "greedy": "greedy decoding",
+        "top_k": f"top-{g['top_k']} sampling at temperature {g['temperature']}",
+        "random": f"sampling from the whole distribution at temperature {g['temperature']}",
+    }[g["sampler"]]
+    if g["sampler"] != "greedy":
+        decoding += f", {len(answer_seeds)} generation seed{'s' if len(answer_seeds) > 1 else ''} ({', '.join(map(str, answer_seeds))})"
+        decoding += ", scores averaged over them" if len(answer_seeds) > 1 else ""
+    if g["protocol"] == "dolly_eval":
+        decoding = f"DollyEval (the protocol of published Dolly results): {decoding}, context in the prompt"
     seeds = config["grid"]["seeds"]
     cannot = [
+        "A like-for-like comparison with published Dolly results: the protocol is DollyEval's, but the 500 test "
+        "records are drawn here (data.seed), and the prompt template and the models differ."
+        if g["protocol"] == "dolly_eval" else
         "A comparison with published Dolly results: those follow DollyEval (context in the prompt, "
         "sampling at temperature 1 averaged over 5 seeds, prompts of at most 256 tokens and answers of at most 256); "
         f"this report uses {decoding}, at most {g['max_new_tokens']} new tokens, "
-        f"records with a context {'dropped' if config['data']['context'] == 'drop' else 'folded into the prompt'}.",
+        f"records with a context {'dropped' if config['data']['context'] == 'drop' else 'folded into the prompt'} "
+        "(generate.protocol: dolly_eval, config/dolly_eval.yaml, runs it).",
     ]
     if len(seeds) == 1:
         cannot.insert(0, f"How far a result moves with the training seed: every cell is trained with one seed ({seeds[0]}), "
@@ -109,7 +122,7 @@ def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str,
                     for m in config["grid"]["models"]},
         "decoding": decoding,
         "seeds": {"data split": config["data"]["seed"], "training": ", ".join(map(str, seeds)),
-                  "generation": g["seed"] if g["sampler"] != "greedy" else "none (greedy)",
+                  "generation": ", ".join(map(str, answer_seeds)) if g["sampler"] != "greedy" else "none (greedy)",
                   "bootstrap": config["score"]["seed"]},
         "can": "Differences between the runs of this grid, and against each model's base, on this test split "
                f"under this protocol, with {config['score']['confidence']:.0%} intervals over "

@@ -40,6 +40,16 @@ def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> 
     return pd.DataFrame({key: [score[key].fmeasure for score in scores] for key in ROUGE_TYPES})
 
 
+def answer_scores(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per example: the ROUGE of its answer, or the mean over its answers when several seeds answered it."""
+    answers = [r.get("predictions", [r["prediction"]]) for r in rows]
+    if len({len(a) for a in answers}) != 1:
+        raise ValueError("the rows were answered by different numbers of generation seeds")
+    references = [r["reference"] for r in rows]
+    per_seed = [rouge_per_example([a[k] for a in answers], references) for k in range(len(answers[0]))]
+    return sum(per_seed) / len(per_seed)
+
+
 def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
     """[samples, n] resampled example indices; the same seed gives the same resamples."""
     return np.random.default_rng(seed).integers(0, n, size=(samples, n))
@@ -68,7 +78,7 @@ def score_generations(
     if not rows:
         raise ValueError(f"{generations_path}: no generations to score")
     frame = pd.DataFrame({"id": [r["id"] for r in rows], "category": [r["category"] for r in rows]})
-    scores = rouge_per_example([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    scores = answer_scores(rows)
     frame = pd.concat([frame, scores], axis=1)
     indices = bootstrap_indices(len(frame), bootstrap_samples, seed)
     summary = {
