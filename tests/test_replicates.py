@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lorastudy import paths, replicates
-from lorastudy.scoring import ROUGE_TYPES, bootstrap_indices
+from lorastudy.scoring import ROUGE_TYPES, bootstrap_indices, percentile_interval
 
 
 def test_holm_matches_the_step_down_procedure():
@@ -30,7 +30,7 @@ def test_seed_variation_widens_the_interval():
     examples = rng.random(400)
     same = np.stack([examples] * 3)
     spread = np.stack([examples + offset for offset in (-0.05, 0.0, 0.05)])
-    width = lambda m: np.subtract(*replicates.interval(replicates.resampled_means(m, 2000, np.random.default_rng(3)), 0.95)[::-1])  # noqa: E731
+    width = lambda m: np.subtract(*percentile_interval(replicates.resampled_means(m, 2000, np.random.default_rng(3)), 0.95)[::-1])  # noqa: E731
     assert width(spread) > 1.5 * width(same)
 
 

@@ -357,16 +357,14 @@ def write_duplicate_groups(
 ) -> None:
     """A CSV of every group of exact duplicates: its records' ids and where it went."""
     copies = [g for g in groups if len(g) > 1]
-    dropped = sum(len(g) - 1 for g in copies if g[0]["id"] in held_out)
+    dropped = [0 if g[0]["id"] not in held_out else len(g) - 1 for g in copies]
     with atomic_open(path) as f:
         f.write("group,ids,records,split,copies_dropped\n")
-        for n, g in enumerate(copies, 1):
-            split = held_out.get(g[0]["id"], "train")
-            kept = split == "train"
-            f.write(f"{n},{' '.join(str(r['id']) for r in g)},{len(g)},{split},{0 if kept else len(g) - 1}\n")
+        for n, (g, d) in enumerate(zip(copies, dropped), 1):
+            f.write(f"{n},{' '.join(str(r['id']) for r in g)},{len(g)},{held_out.get(g[0]['id'], 'train')},{d}\n")
     log.info(
         "%d groups of exact duplicates hold %d records; %d copies of held-out records dropped from training",
-        len(copies), sum(len(g) for g in copies), dropped,
+        len(copies), sum(len(g) for g in copies), sum(dropped),
     )
 
 

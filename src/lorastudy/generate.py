@@ -164,9 +164,12 @@ class Generator:
 def prompt_token_ids(tokenizer, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
     """`<bos>` and the prompt's tokens, as in training; over `max_tokens`, `<bos>` and the last ones."""
     ids = [[tokenizer.start_token_id, *ids] for ids in token_lists(tokenizer, prompts)]
-    if max_tokens is None:
-        return ids
-    return [row if len(row) <= max_tokens else [row[0], *row[len(row) - max_tokens + 1 :]] for row in ids]
+    return ids if max_tokens is None else [keep_last(row, max_tokens) for row in ids]
+
+
+def keep_last(row: list[int], max_tokens: int) -> list[int]:
+    """A prompt over `max_tokens`: its first token (`<bos>`) and its last ones."""
+    return row if len(row) <= max_tokens else [row[0], *row[len(row) - max_tokens + 1 :]]
 
 
 def detokenize(tokenizer, ids: list[int]) -> str:
@@ -205,8 +208,11 @@ def generate(
     causal_lm = load_for_generation(preset, runs[0], rank, s)
     tokenizer = causal_lm.preprocessor.tokenizer
     generator = Generator.for_task(causal_lm, s)
-    prompt_ids = prompt_token_ids(tokenizer, prompts, s.max_prompt_tokens)
-    truncated = sum(len(p) > len(q) for p, q in zip(prompt_token_ids(tokenizer, prompts), prompt_ids))
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
+    truncated = 0
+    if s.max_prompt_tokens is not None:
+        truncated = sum(len(row) > s.max_prompt_tokens for row in prompt_ids)
+        prompt_ids = [keep_last(row, s.max_prompt_tokens) for row in prompt_ids]
     load_seconds = time.perf_counter() - started
     all_stats = []
     for adapter, out_path, stats_path in zip(runs, out_paths, stats_paths):

@@ -27,6 +27,8 @@ TRAIN_STATS = FINETUNE_DIR + "/train.json"
 
 BASE = "base"
 RUN = JOB + "_epoch{epoch}"
+# A grid cell: a run over all its training seeds.
+CELL = "{subset}_r{rank}_epoch{epoch}"
 
 
 def run_name(subset: str, rank: int, seed: int, epoch: int) -> str:

@@ -4,8 +4,8 @@ Every ROUGE-L panel shares one y-scale, so panels compare at a glance. Each
 point is a grid cell's mean over its training seeds; error bars and bands are
 95% intervals over seeds and test examples (lorastudy.replicates), and where
 a cell has several seeds, each seed's own score is a small open marker; the
-base model is a dashed line with its interval shaded. Colours are the Okabe-Ito palette, which
-stays distinct under the common forms of colour blindness, and markers vary
+base model is a dashed line with its interval shaded. Colours are the
+Okabe-Ito palette, which stays distinct under the common forms of colour blindness, and markers vary
 with colour so that a grey print still separates the lines.
 """
 

@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 
 from lorastudy import paths
-from lorastudy.scoring import ROUGE_TYPES
+from lorastudy.scoring import ROUGE_TYPES, percentile_interval
 
 CELL = ("model", "subset", "rank", "epoch")
 AXES = {"rank": ("subset", "epoch"), "epoch": ("subset", "rank"), "subset": ("rank", "epoch")}
 
 
 def cell_name(subset: str, rank: int, epoch: int) -> str:
-    return f"{subset}_r{int(rank)}_epoch{int(epoch)}"
+    return paths.CELL.format(subset=subset, rank=int(rank), epoch=int(epoch))
 
 
 def cell_of_run(run: str) -> str:
@@ -58,12 +58,6 @@ def resampled_means(matrix: np.ndarray, samples: int, rng: np.random.Generator, 
     per_seed = matrix[:, examples].mean(axis=2)  # [seeds, samples]
     drawn = rng.integers(0, seeds, size=(samples, seeds))
     return per_seed[drawn, np.arange(samples)[:, None]].mean(axis=1)
-
-
-def interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
@@ -115,14 +109,14 @@ def cell_summary(
         for key in ROUGE_TYPES:
             m = matrices[key][cell]
             rng = np.random.default_rng(seed)
-            low, high = interval(resampled_means(m, samples, rng), confidence)
+            low, high = percentile_interval(resampled_means(m, samples, rng), confidence)
             per_seed = m.mean(axis=1)
             row |= {f"{key}_mean": float(m.mean()), f"{key}_low": low, f"{key}_high": high,
                     f"{key}_seed_sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")}
             if cell[1] != paths.BASE:
                 base = matrices[key][(first["model"], paths.BASE)]
                 diff = m - base.mean(axis=0)
-                low, high = interval(resampled_means(diff, samples, np.random.default_rng(seed)), confidence)
+                low, high = percentile_interval(resampled_means(diff, samples, np.random.default_rng(seed)), confidence)
                 row |= {f"{key}_diff": float(diff.mean()), f"{key}_diff_low": low, f"{key}_diff_high": high}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -153,7 +147,7 @@ def comparisons(
         rng = np.random.default_rng(seed)
         examples = rng.integers(0, n, size=(samples, n))
         diffs = resampled_means(matrices[a], samples, rng, examples) - resampled_means(matrices[b], samples, rng, examples)
-        low, high = interval(diffs, confidence)
+        low, high = percentile_interval(diffs, confidence)
         tail = min((diffs <= 0).sum(), (diffs >= 0).sum())
         rows.append({"model": a[0], "compares": axis, "a": _label(a), "b": _label(b),
                      "difference": float(matrices[a].mean() - matrices[b].mean()), "low": low, "high": high,

@@ -58,10 +58,15 @@ def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
 def mean_interval(values: np.ndarray, indices: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
     """Mean and percentile-bootstrap interval of `values` over resamples `indices`."""
     values = np.asarray(values, dtype=float)
-    means = values[indices].mean(axis=1)
+    low, high = percentile_interval(values[indices].mean(axis=1), confidence)
+    return {"mean": float(values.mean()), "low": low, "high": high}
+
+
+def percentile_interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central `confidence` share of bootstrap resample means."""
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return {"mean": float(values.mean()), "low": float(low), "high": float(high)}
+    return float(low), float(high)
 
 
 def score_generations(
