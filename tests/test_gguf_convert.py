@@ -32,11 +32,10 @@ PARAGRAPH = (
 
 
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    from lorastudy.models import load_causal_lm, prepare_model
+def gemma3(gemma3_preset):
+    from lorastudy.models import load_causal_lm
 
-    preset = prepare_model("gemma3_270m_q4km", {"source": "pypi_gguf"}, tmp_path_factory.mktemp("g3") / "preset")
-    return load_causal_lm(preset)
+    return load_causal_lm(gemma3_preset)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,12 @@
     lorastudy ask --model results/models/gemma3_270m_q4km/preset "Name three rivers."
     lorastudy ask --model results/models/gemma3_270m_q4km/preset \\
         --adapter results/finetune/gemma3_270m_q4km/1k_r4_s0/adapter_epoch2.lora.h5 "Name three rivers."
+
+Write a positive or negative control dataset (lorastudy.controls), to run the
+study on in place of Dolly:
+
+    lorastudy control positive positive_control.jsonl
+    LORASTUDY_DOLLY_JSONL=positive_control.jsonl snakemake --cores all
 """
 
 from __future__ import annotations
@@ -41,8 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", choices=["greedy", "top_k"], default="greedy")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p = commands.add_parser("control", help="write a positive or negative control dataset in Dolly's shape")
+    p.add_argument("kind", choices=["positive", "negative"])
+    p.add_argument("out", help="the JSON Lines file to write")
+    p.add_argument("--records", type=int, default=2000, help="how many records (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(ask(args))
+    if args.command == "control":
+        from lorastudy.controls import write_control
+
+        write_control(args.kind, args.out, args.records, args.seed)
+    else:
+        print(ask(args))
     return 0
 
 

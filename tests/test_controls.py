@@ -1,0 +1,89 @@
+"""The positive and negative controls: can the pipeline see a gain, and only a real one?
+
+The slow test fine-tunes the real Gemma 3 270M on each control through the
+study's own stages (filter, split, finetune, generate, score) and compares
+with the base model as the report does: a paired bootstrap over test examples.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pandas as pd
+import pytest
+
+from lorastudy import controls, data
+
+N_RECORDS, TRAIN, VAL, TEST = 208, 160, 16, 32
+
+
+def test_positive_responses_are_the_instruction_reversed():
+    for r in controls.positive_control(50, seed=3):
+        words = r["instruction"].split(": ", 1)[1].split()
+        assert r["response"].split() == words[::-1]
+        assert r["context"] == ""
+
+
+def test_negative_control_shuffles_every_response_away_from_its_instruction():
+    positive, negative = controls.positive_control(200), controls.negative_control(200)
+    assert [r["instruction"] for r in negative] == [r["instruction"] for r in positive]
+    assert sorted(r["response"] for r in negative) == sorted(r["response"] for r in positive)
+    assert all(n["response"] != p["response"] for n, p in zip(negative, positive))
+
+
+def test_responses_share_almost_no_words():
+    # What a model can learn from the negative control is the responses' form;
+    # words common to many responses would make that worth ROUGE points.
+    counts = collections.Counter(w for r in controls.positive_control(2000) for w in set(r["response"].split()))
+    assert counts.most_common(1)[0][1] <= 10  # in at most 0.5% of the responses
+
+
+def test_cli_writes_a_control_that_the_study_reads(tmp_path):
+    from lorastudy.cli import main
+
+    main(["control", "negative", str(tmp_path / "negative.jsonl"), "--records", "40"])
+    records = list(data.read_dolly(tmp_path / "negative.jsonl"))
+    assert len(records) == 40 and {r["category"] for r in records} == set(controls.CATEGORIES)
+    with pytest.raises(ValueError, match="control kind"):
+        controls.write_control("neutral", tmp_path / "x.jsonl", 4)
+
+
+def _gain_over_base(kind: str, preset, d) -> dict[str, float]:
+    from lorastudy.finetune import finetune
+    from lorastudy.generate import generate
+    from lorastudy.prompts import DEFAULT_TEMPLATE
+    from lorastudy.scoring import paired_difference, score_generations
+
+    controls.write_control(kind, d / "raw.jsonl", N_RECORDS)
+    data.filter_context(d / "raw.jsonl", d / "filtered.jsonl")
+    data.split_dolly(
+        d / "filtered.jsonl", d / "test.jsonl", d / "val.jsonl", {"train": d / "train.jsonl"},
+        d / "counts.csv", d / "duplicates.csv", {"train": TRAIN}, test_size=TEST, val_size=VAL, seed=0,
+    )
+    adapters = [d / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
+    finetune(
+        preset, d / "train.jsonl", d / "val.jsonl", adapters, d / "history.csv", d / "train.json",
+        rank=8, template=DEFAULT_TEMPLATE,
+        settings={"learning_rate": 2e-4, "batch_size": 8, "sequence_length": 64, "pad_multiple": 16},
+    )
+    settings = {"batch_size": TEST, "max_new_tokens": 16}
+    generate(preset, d / "test.jsonl", [d / "base.jsonl"], [d / "base.json"], DEFAULT_TEMPLATE, settings=settings)
+    generate(preset, d / "test.jsonl", [d / "tuned.jsonl"], [d / "tuned.json"], DEFAULT_TEMPLATE,
+             adapters=adapters[-1:], rank=8, settings=settings)
+    scores = {}
+    for run in ("base", "tuned"):
+        score_generations(d / f"{run}.jsonl", d / f"{run}_scores.csv", d / f"{run}_summary.json", d / f"{run}_by_category.csv")
+        scores[run] = pd.read_csv(d / f"{run}_scores.csv")
+    return paired_difference(scores["tuned"], scores["base"], "rougeL", samples=1000, seed=0)
+
+
+@pytest.mark.slow
+def test_fine_tuning_gains_on_the_positive_control_and_not_on_the_negative(gemma3_preset, tmp_path):
+    gains = {}
+    for kind in controls.KINDS:
+        (tmp_path / kind).mkdir()
+        gains[kind] = _gain_over_base(kind, gemma3_preset, tmp_path / kind)
+    print("ROUGE-L gain over the base model:", gains)
+    positive, negative = gains["positive"], gains["negative"]
+    assert positive["low"] > 0.3, gains
+    assert negative["low"] <= 0 and abs(negative["mean"]) < 0.05, gains
