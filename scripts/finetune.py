@@ -1,7 +1,9 @@
 from lorastudy.finetune import finetune
+from lorastudy.gpus import claimed_gpus
 from lorastudy.logs import logging_to
 
-with logging_to(snakemake.log[0]):
+params = dict(snakemake.params)
+with logging_to(snakemake.log[0]), claimed_gpus(params.pop("gpus")):
     finetune(
         snakemake.input.preset,
         train_path=snakemake.input.train,
@@ -9,5 +11,5 @@ with logging_to(snakemake.log[0]):
         adapter_paths=snakemake.output.adapters,
         history_path=snakemake.output.history,
         stats_path=snakemake.output.stats,
-        **snakemake.params,
+        **params,
     )

@@ -1,12 +1,14 @@
 from lorastudy.generate import generate
+from lorastudy.gpus import claimed_gpus
 from lorastudy.logs import logging_to
 
-with logging_to(snakemake.log[0]):
+params = dict(snakemake.params)
+with logging_to(snakemake.log[0]), claimed_gpus(params.pop("gpus")):
     generate(
         snakemake.input.preset,
         test_path=snakemake.input.test,
         out_paths=snakemake.output.generations,
         stats_paths=snakemake.output.stats,
         adapters=snakemake.input.get("adapters", []),
-        **snakemake.params,
+        **params,
     )

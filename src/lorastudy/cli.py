@@ -9,6 +9,10 @@ study on in place of Dolly:
 
     lorastudy control positive positive_control.jsonl
     LORASTUDY_DOLLY_JSONL=positive_control.jsonl snakemake --cores all
+
+Count the GPUs for Snakemake's GPU cap, one job per GPU:
+
+    snakemake --profile profiles/default --resources gpu=$(lorastudy gpus)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def ask(args: argparse.Namespace) -> str:
 
     settings = GenerateSettings(
         batch_size=1,
+        devices=1,
         max_new_tokens=args.max_new_tokens,
         sampler=args.sampler,
         top_k=args.top_k,
@@ -52,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="the JSON Lines file to write")
     p.add_argument("--records", type=int, default=2000, help="how many records (default 2000)")
     p.add_argument("--seed", type=int, default=0)
+    commands.add_parser("gpus", help="how many GPUs this process may use (for snakemake --resources gpu=N)")
     args = parser.parse_args(argv)
-    if args.command == "control":
+    if args.command == "gpus":
+        from lorastudy.gpus import visible_gpus
+
+        print(len(visible_gpus()))
+    elif args.command == "control":
         from lorastudy.controls import write_control
 
         write_control(args.kind, args.out, args.records, args.seed)

@@ -37,9 +37,10 @@ from typing import Any
 
 from lorastudy.checkpoints import Checkpoints, fingerprint
 from lorastudy.compilation import CompileClock, use_compilation_cache
+from lorastudy.distribution import distributed
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
 from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora
-from lorastudy.models import dtype_policies, load_causal_lm
+from lorastudy.models import attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import Example, choose_widths, encode_examples, training_batches
 
@@ -67,6 +68,8 @@ class TrainSettings:
     expected_tokens_per_second: float = 40000.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     lora_alpha: float | None = None
+    devices: int | str = "all"
+    model_parallel: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -150,9 +153,12 @@ def compile_for_training(causal_lm, settings: TrainSettings, total_steps: int):
     batches here are already tokens, and the loss needs logits only at the
     tokens it is weighted on (`lorastudy.loss`).
     """
+    import keras
+
+    from lorastudy.distribution import data_parallel_size
     from lorastudy.loss import TokenAccuracy, batch_mean_loss, response_loss_model
 
-    model = response_loss_model(causal_lm)
+    model = response_loss_model(causal_lm, groups=data_parallel_size(keras.distribution.distribution()))
     model.compile(optimizer=make_optimizer(settings, total_steps), loss=batch_mean_loss, metrics=[TokenAccuracy()])
     return model
 
@@ -276,12 +282,12 @@ def _publish(source: Path, dest: str | os.PathLike) -> None:
 
 
 def peak_memory() -> dict[str, int | None]:
-    """Peak device memory (GPU; None on a CPU) and peak host resident memory."""
+    """Peak memory of the fullest device (GPU; None on a CPU) and peak host resident memory."""
     import jax
 
-    stats = jax.local_devices()[0].memory_stats() or {}
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
     return {
-        "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
+        "peak_device_memory_bytes": max((p for p in peaks if p is not None), default=None),
         "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
@@ -305,14 +311,21 @@ def finetune(
     (loading, compilation, steady-state training, validation), throughput
     and peak memory. Returns those statistics.
     """
+    started = time.perf_counter()
+    s = settings if isinstance(settings, TrainSettings) else TrainSettings(**(settings or {}))
+    with distributed(s.devices, s.model_parallel, s.batch_size, attention_heads(preset)):
+        return _finetune(
+            preset, train_path, val_path, adapter_paths, history_path, stats_path, rank, template, s, compilation_cache, started
+        )
+
+
+def _finetune(preset, train_path, val_path, adapter_paths, history_path, stats_path, rank, template, s, compilation_cache, started):
     import jax
     import keras
 
-    started = time.perf_counter()
     use_compilation_cache(compilation_cache)
     clock = CompileClock.get()
     programs_before, hits_before = clock.programs, clock.cache_hits
-    s = settings if isinstance(settings, TrainSettings) else TrainSettings(**(settings or {}))
     epochs = len(adapter_paths)
     dtype, lora_policy = dtype_policies(s.precision, training=True)
     keras.utils.set_random_seed(s.seed)
@@ -383,6 +396,8 @@ def finetune(
         "resumed_from_epoch": resumed_from,
         "dtype": dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}",
         "device": str(jax.devices()[0].device_kind),
+        "devices": len(keras.distribution.list_devices()) if s.devices == "all" else s.devices,
+        "model_parallel": s.model_parallel,
         "backend": jax.default_backend(),
         "trainable_parameters": int(sum(math.prod(v.shape) for v in model.trainable_weights)),
         "total_parameters": int(backbone.count_params()),

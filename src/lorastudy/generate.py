@@ -25,7 +25,8 @@ import numpy as np
 from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import AdapterError, load_adapter, read_spec
-from lorastudy.models import dtype_policies, load_causal_lm
+from lorastudy.distribution import distributed, shard_batch
+from lorastudy.models import attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
 
@@ -47,6 +48,8 @@ class GenerateSettings:
     max_prompt_tokens: int | None = None
     precision: str = "auto"
     pad_multiple: int = 64
+    devices: int | str = "all"
+    model_parallel: int = 1
 
     def __post_init__(self):
         if self.seeds is not None:
@@ -114,6 +117,10 @@ class Generator:
         self.sampler_start = [np.array(v.value) for v in self.sampler_variables]
         seed_generator = getattr(causal_lm.sampler, "seed_generator", None)
         self.seed_state = None if seed_generator is None else seed_generator.state
+        import keras
+
+        # Under data parallelism each device answers its slice of every batch.
+        self.distribution = keras.distribution.distribution()
 
     @classmethod
     def for_task(cls, causal_lm, settings: GenerateSettings) -> "Generator":
@@ -151,7 +158,8 @@ class Generator:
         for r, ids in enumerate(rows):
             token_ids[r, : len(ids)] = ids
             padding_mask[r, : len(ids)] = True
-        output = self.generate_function({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=(eos,))
+        inputs = shard_batch({"token_ids": token_ids, "padding_mask": padding_mask}, self.distribution)
+        output = self.generate_function(inputs, stop_token_ids=(eos,))
         generated = np.asarray(output["token_ids"])
         results = []
         for r, ids in enumerate(rows):
@@ -196,9 +204,14 @@ def generate(
     stats to `stats_paths[i]`, for the base (no adapters) or for `adapters[i]`.
     """
     started = time.perf_counter()
+    s = settings if isinstance(settings, GenerateSettings) else GenerateSettings(**(settings or {}))
+    with distributed(s.devices, s.model_parallel, s.batch_size, attention_heads(preset)):
+        return _generate_all(preset, test_path, out_paths, stats_paths, template, adapters, rank, s, compilation_cache, started)
+
+
+def _generate_all(preset, test_path, out_paths, stats_paths, template, adapters, rank, s, compilation_cache, started):
     use_compilation_cache(compilation_cache)
     clock = CompileClock.get()
-    s = settings if isinstance(settings, GenerateSettings) else GenerateSettings(**(settings or {}))
     runs = list(adapters) or [None]
     if len(out_paths) != len(runs) or len(stats_paths) != len(runs):
         raise ValueError(f"{len(runs)} runs to answer, but {len(out_paths)} output and {len(stats_paths)} stats paths")

@@ -46,7 +46,7 @@ def chunk_rows(vocabulary_size: int, positions: int) -> int:
     return min(rows, max(8, -(-positions // 8) * 8))
 
 
-def token_cross_entropy(hidden, embeddings, targets, weights, soft_cap: float | None = None):
+def token_cross_entropy(hidden, embeddings, targets, weights, soft_cap: float | None = None, groups: int = 1):
     """Weighted cross-entropy and correctness at each position, from hidden states.
 
     Args:
@@ -55,11 +55,20 @@ def token_cross_entropy(hidden, embeddings, targets, weights, soft_cap: float | 
         targets: [batch, width] int, the next token at each position.
         weights: [batch, width] float, the loss weight of each position (0: no loss).
         soft_cap: the model's final-logit soft cap (Gemma 2), or None.
+        groups: how many equal slices of the batch to compute separately
+            (the data-parallel devices).
     Returns:
         (loss, correct), each [batch, width] float32: weight × cross-entropy,
         and weight × (argmax of the logits == target).
     """
     batch, width, dim = hidden.shape
+    if groups > 1:
+        # Each slice of the batch on its own: under data parallelism, a device's
+        # rows are sorted and chunked where they are, with no gather across devices.
+        split = lambda x: x.reshape(groups, batch // groups, *x.shape[1:])  # noqa: E731
+        per_group = jax.vmap(functools.partial(token_cross_entropy, soft_cap=soft_cap), in_axes=(0, None, 0, 0))
+        loss, correct = per_group(split(hidden), embeddings, split(targets), split(weights))
+        return loss.reshape(batch, width), correct.reshape(batch, width)
     rows = chunk_rows(embeddings.shape[0], batch * width)
     loss, correct = _cross_entropy(
         hidden.reshape(-1, dim), embeddings, targets.reshape(-1), weights.reshape(-1).astype("float32"), soft_cap, rows
@@ -136,13 +145,14 @@ def _chunked(hidden, embeddings, targets, weights, soft_cap, rows, with_grad):
 # --------------------------------------------------------------------------
 
 
-def response_loss_model(causal_lm) -> keras.Model:
+def response_loss_model(causal_lm, groups: int = 1) -> keras.Model:
     """A Keras model over `causal_lm`'s backbone (same variables) whose output is the loss statistics per row.
 
     Inputs: `token_ids`, `padding_mask`, `targets`, `loss_weights`, each
     [batch, width]. Output: [batch, 2], each row's weighted loss sum and
     weighted correct predictions. Compile it with `batch_mean_loss` and
-    `TokenAccuracy`, and give `fit` the rows' loss weights as `y`.
+    `TokenAccuracy`, and give `fit` the rows' loss weights as `y`. `groups`:
+    the data-parallel devices, each of which computes its rows' loss alone.
     """
     backbone = causal_lm.backbone
     inputs = {
@@ -152,7 +162,7 @@ def response_loss_model(causal_lm) -> keras.Model:
         "loss_weights": keras.Input(shape=(None,), dtype="float32", name="loss_weights"),
     }
     hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
-    stats = ResponseLoss(backbone.token_embedding)(hidden, inputs["targets"], inputs["loss_weights"])
+    stats = ResponseLoss(backbone.token_embedding, groups)(hidden, inputs["targets"], inputs["loss_weights"])
     return keras.Model(inputs, stats, name="lora_training")
 
 
@@ -164,10 +174,11 @@ class ResponseLoss(keras.layers.Layer):
             direction (and soft cap) gives a Gemma's logits.
     """
 
-    def __init__(self, token_embedding, **kwargs):
+    def __init__(self, token_embedding, groups: int = 1, **kwargs):
         # No autocast: the hidden states stay in the backbone's compute dtype.
         super().__init__(autocast=False, **kwargs)
         self.token_embedding = token_embedding
+        self.groups = groups
 
     def call(self, hidden, targets, loss_weights):
         embedding = self.token_embedding
@@ -175,7 +186,7 @@ class ResponseLoss(keras.layers.Layer):
             matrix = embedding.embeddings.value
         else:
             matrix = jnp.transpose(embedding.reverse_embeddings.value)
-        loss, correct = token_cross_entropy(hidden, matrix.astype(hidden.dtype), targets, loss_weights, embedding.logit_soft_cap)
+        loss, correct = token_cross_entropy(hidden, matrix.astype(hidden.dtype), targets, loss_weights, embedding.logit_soft_cap, self.groups)
         return jnp.stack([loss.sum(axis=1), correct.sum(axis=1)], axis=1)
 
     def compute_output_spec(self, hidden, targets, loss_weights):

@@ -9,6 +9,7 @@ loaded by the same `keras_hub.models.CausalLM.from_preset` call.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -58,6 +59,15 @@ def dtype_policies(precision: str = "auto", training: bool = True) -> tuple[str,
     if precision == "bfloat16":
         return "bfloat16", ("mixed_bfloat16" if training else None)
     return precision, None
+
+
+def attention_heads(preset: str | os.PathLike) -> tuple[int, int] | None:
+    """A prepared preset's (query heads, key/value heads), from its config.json; None if it has none."""
+    config_path = Path(preset) / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())["config"]
+    return config["num_query_heads"], config["num_key_value_heads"]
 
 
 def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):

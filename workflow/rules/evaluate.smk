@@ -13,6 +13,8 @@ rule generate_base:
         template=lambda wildcards: config["prompt"]["template"],
         settings=settings("generate"),
         compilation_cache=config["compilation_cache"],
+        # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
+        gpus=resource("generate", "gpu"),
     threads: 8
     resources:
         mem_mb=resource("generate", "mem_mb"),
@@ -43,6 +45,8 @@ rule generate:
         template=lambda wildcards: config["prompt"]["template"],
         settings=settings("generate"),
         compilation_cache=config["compilation_cache"],
+        # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
+        gpus=resource("generate", "gpu"),
     threads: 8
     resources:
         mem_mb=resource("generate", "mem_mb"),

@@ -17,6 +17,8 @@ rule finetune:
         # The grid's seed is the run's training seed (LoRA initialisation, batch order).
         settings=lambda wildcards: model_settings(config, wildcards.model, "train") | {"seed": int(wildcards.seed)},
         compilation_cache=config["compilation_cache"],
+        # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
+        gpus=resource("finetune", "gpu"),
     threads: 8
     resources:
         mem_mb=resource("finetune", "mem_mb"),
