@@ -1,10 +1,28 @@
 # Config validation, wildcard constraints and input functions. Stage files
 # hold only rules; every path comes from lorastudy.paths, and the logic of
 # the input functions lives in lorastudy.config, where it is unit-tested.
+import os
 from pathlib import Path
 
 from lorastudy import paths
-from lorastudy.config import job_resources, largest_subset, model_settings, validate_config
+from lorastudy.config import (
+    job_resources,
+    largest_subset,
+    model_settings,
+    validate_config,
+)
+
+# Rule scripts import lorastudy from this checkout, whichever environment runs
+# them: the per-rule conda environments (--sdm conda) hold only its dependencies.
+# (Set, not required: the linter's envvars rule is for variables a user must give.)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        filter(
+            None,
+            [str(Path(workflow.basedir).parent / "src"), os.environ.get("PYTHONPATH")],
+        )
+    )
+)
 
 validate_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
 
@@ -39,9 +57,7 @@ def prepare_model_input(wildcards):
 
 
 # Every scored run of the grid: each model's base, then its fine-tuned runs.
-RUNS = [
-    {"model": model, "run": paths.BASE} for model in GRID["models"]
-] + [
+RUNS = [{"model": model, "run": paths.BASE} for model in GRID["models"]] + [
     {
         "model": model,
         "run": paths.run_name(subset, rank, seed, epoch),
@@ -56,7 +72,13 @@ RUNS = [
     for seed in GRID["seeds"]
     for epoch in GRID["epochs"]
 ]
-FINETUNE_JOBS = sorted({(r["model"], r["subset"], r["rank"], r["seed"]) for r in RUNS if r["run"] != paths.BASE})
+FINETUNE_JOBS = sorted(
+    {
+        (r["model"], r["subset"], r["rank"], r["seed"])
+        for r in RUNS
+        if r["run"] != paths.BASE
+    }
+)
 
 
 def run_files(pattern):
@@ -64,7 +86,10 @@ def run_files(pattern):
 
 
 def finetune_files(pattern):
-    return [pattern.format(model=m, subset=s, rank=k, seed=seed) for m, s, k, seed in FINETUNE_JOBS]
+    return [
+        pattern.format(model=m, subset=s, rank=k, seed=seed)
+        for m, s, k, seed in FINETUNE_JOBS
+    ]
 
 
 def figure_files(ext):

@@ -8,6 +8,8 @@ rule download_dolly:
         paths.RAW_DOLLY,
     log:
         paths.log("data", "download_dolly"),
+    conda:
+        "../envs/data.yaml"
     params:
         url=config["dolly"]["url"],
         sha256=config["dolly"]["sha256"],
@@ -24,6 +26,8 @@ rule filter_context:
         paths.FILTERED,
     log:
         paths.log("data", "filter_context"),
+    conda:
+        "../envs/data.yaml"
     params:
         mode=config["data"]["context"],
         # A function, so that Snakemake does not read {instruction} as a wildcard.
@@ -43,6 +47,8 @@ rule split:
         duplicates=paths.DUPLICATES,
     log:
         paths.log("data", "split"),
+    conda:
+        "../envs/data.yaml"
     params:
         train_paths={s: paths.TRAIN.format(subset=s) for s in SUBSETS},
         subsets=config["data"]["subsets"],

@@ -9,18 +9,20 @@ rule generate_base:
         paths.log("generate", f"{{model}}/{paths.BASE}"),
     benchmark:
         paths.benchmark("generate", f"{{model}}/{paths.BASE}")
-    params:
-        template=lambda wildcards: config["prompt"]["template"],
-        settings=settings("generate"),
-        compilation_cache=config["compilation_cache"],
-        # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
-        gpus=resource("generate", "gpu"),
+    conda:
+        "../envs/model.yaml"
     threads: 8
     resources:
         mem_mb=resource("generate", "mem_mb"),
         runtime=resource("generate", "runtime"),
         cpus_per_task=resource("generate", "cpus_per_task"),
         gpu=resource("generate", "gpu"),
+    params:
+        template=lambda wildcards: config["prompt"]["template"],
+        settings=settings("generate"),
+        compilation_cache=config["compilation_cache"],
+        # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
+        gpus=resource("generate", "gpu"),
     script:
         "../../scripts/generate.py"
 
@@ -34,12 +36,24 @@ rule generate:
         test=paths.TEST,
         adapters=expand(paths.ADAPTER, epoch=GRID["epochs"], allow_missing=True),
     output:
-        generations=expand(paths.generations(paths.RUN), epoch=GRID["epochs"], allow_missing=True),
-        stats=expand(paths.generation_stats(paths.RUN), epoch=GRID["epochs"], allow_missing=True),
+        generations=expand(
+            paths.generations(paths.RUN), epoch=GRID["epochs"], allow_missing=True
+        ),
+        stats=expand(
+            paths.generation_stats(paths.RUN), epoch=GRID["epochs"], allow_missing=True
+        ),
     log:
-        paths.log("generate", "{model}/" + paths.JOB),
+        paths.log("generate", f"{{model}}/{paths.JOB}"),
     benchmark:
-        paths.benchmark("generate", "{model}/" + paths.JOB)
+        paths.benchmark("generate", f"{{model}}/{paths.JOB}")
+    conda:
+        "../envs/model.yaml"
+    threads: 8
+    resources:
+        mem_mb=resource("generate", "mem_mb"),
+        runtime=resource("generate", "runtime"),
+        cpus_per_task=resource("generate", "cpus_per_task"),
+        gpu=resource("generate", "gpu"),
     params:
         rank=lambda wildcards: int(wildcards.rank),
         template=lambda wildcards: config["prompt"]["template"],
@@ -47,12 +61,6 @@ rule generate:
         compilation_cache=config["compilation_cache"],
         # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
         gpus=resource("generate", "gpu"),
-    threads: 8
-    resources:
-        mem_mb=resource("generate", "mem_mb"),
-        runtime=resource("generate", "runtime"),
-        cpus_per_task=resource("generate", "cpus_per_task"),
-        gpu=resource("generate", "gpu"),
     script:
         "../../scripts/generate.py"
 
@@ -64,6 +72,8 @@ rule score:
         **paths.scores(),
     log:
         paths.log("score", "{model}/{run}"),
+    conda:
+        "../envs/data.yaml"
     params:
         **config["score"],
     script:

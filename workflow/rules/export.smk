@@ -7,18 +7,22 @@ rule export:
         peft=directory(paths.EXPORT_PEFT),
     log:
         paths.log("export", f"{{model}}/{paths.RUN}"),
-    params:
-        base_model_name_or_path=lambda wildcards: config["models"][wildcards.model].get("hf_name"),
+    conda:
+        "../envs/model.yaml"
     resources:
         mem_mb=resource("prepare_model", "mem_mb"),
         runtime=resource("prepare_model", "runtime"),
         cpus_per_task=resource("prepare_model", "cpus_per_task"),
         gpu=0,
+    params:
+        base_model_name_or_path=lambda wildcards: config["models"][
+            wildcards.model
+        ].get("hf_name"),
     script:
         "../../scripts/export.py"
 
 
 rule export_best:
+    default_target: False
     input:
         exports_of_chosen_runs,
-    default_target: False

@@ -8,22 +8,25 @@ rule finetune:
         history=paths.HISTORY,
         stats=paths.TRAIN_STATS,
     log:
-        paths.log("finetune", "{model}/" + paths.JOB),
+        paths.log("finetune", f"{{model}}/{paths.JOB}"),
     benchmark:
-        paths.benchmark("finetune", "{model}/" + paths.JOB)
-    params:
-        rank=lambda wildcards: int(wildcards.rank),
-        template=lambda wildcards: config["prompt"]["template"],
-        # The grid's seed is the run's training seed (LoRA initialisation, batch order).
-        settings=lambda wildcards: model_settings(config, wildcards.model, "train") | {"seed": int(wildcards.seed)},
-        compilation_cache=config["compilation_cache"],
-        # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
-        gpus=resource("finetune", "gpu"),
+        paths.benchmark("finetune", f"{{model}}/{paths.JOB}")
+    conda:
+        "../envs/model.yaml"
     threads: 8
     resources:
         mem_mb=resource("finetune", "mem_mb"),
         runtime=resource("finetune", "runtime"),
         cpus_per_task=resource("finetune", "cpus_per_task"),
         gpu=resource("finetune", "gpu"),
+    params:
+        rank=lambda wildcards: int(wildcards.rank),
+        template=lambda wildcards: config["prompt"]["template"],
+        # The grid's seed is the run's training seed (LoRA initialisation, batch order).
+        settings=lambda wildcards: model_settings(config, wildcards.model, "train")
+        | {"seed": int(wildcards.seed)},
+        compilation_cache=config["compilation_cache"],
+        # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
+        gpus=resource("finetune", "gpu"),
     script:
         "../../scripts/finetune.py"

@@ -1,18 +1,26 @@
 checkpoint summarize:
     input:
-        scores=[f for kind in ("per_example", "summary", "by_category") for f in run_files(paths.scores()[kind])],
+        scores=[
+            f
+            for kind in ("per_example", "summary", "by_category")
+            for f in run_files(paths.scores()[kind])
+        ],
         stats=finetune_files(paths.TRAIN_STATS),
         histories=finetune_files(paths.HISTORY),
     output:
-        summary=report(paths.SUMMARY, caption="../report/summary.rst", category="Summary"),
+        summary=report(
+            paths.SUMMARY, caption="../report/summary.rst", category="Summary"
+        ),
         by_category=paths.SUMMARY_BY_CATEGORY,
         cells=paths.CELL_SUMMARY,
         comparisons=paths.COMPARISONS,
     log:
         paths.log("report", "summarize"),
+    conda:
+        "../envs/data.yaml"
     params:
-        runs=RUNS,
         **config["score"],
+        runs=RUNS,
     script:
         "../../scripts/summarize.py"
 
@@ -25,12 +33,18 @@ rule figures:
         histories=finetune_files(paths.HISTORY),
     output:
         png=[
-            report(paths.figure(name, "png"), caption=f"../report/{name}.rst", category="Figures")
+            report(
+                paths.figure(name, "png"),
+                caption=f"../report/{name}.rst",
+                category="Figures",
+            )
             for name in paths.FIGURE_NAMES
         ],
         pdf=figure_files("pdf"),
     log:
         paths.log("report", "figures"),
+    conda:
+        "../envs/data.yaml"
     params:
         runs=RUNS,
     script:
@@ -53,6 +67,8 @@ rule report:
         paths.REPORT,
     log:
         paths.log("report", "report"),
+    conda:
+        "../envs/data.yaml"
     params:
         runs=RUNS,
         figures=dict(zip(paths.FIGURE_NAMES, figure_files("png"))),
