@@ -2,7 +2,12 @@
 
 Debian's slurm-wlm and munge (installed by .ci/run). No cgroups (process
 tracking through /proc), no accounting database: job states come from
-squeue, kept for an hour after a job ends (MinJobAge).
+squeue, kept for an hour after a job ends (MinJobAge). The node has two
+GPUs as a generic resource that SLURM allocates, records and numbers
+(CUDA_VISIBLE_DEVICES) like real ones. No GPU needs to exist: SLURM 22.05
+drops a GPU without a device file ("Removing file-less GPU"), so
+/dev/null and /dev/zero stand in as the files; without cgroups nothing is
+done with them but numbering.
 
 The config goes where SLURM's commands look by default, /etc/slurm/slurm.conf:
 inside a job, Snakemake's SLURM executor drops every SLURM_* variable
@@ -23,6 +28,8 @@ from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+GRES_CONF = SYSTEM_CONF.with_name("gres.conf")
+GPU_FILES = ("/dev/null", "/dev/zero")
 MARK = "# Written by lorastudy's tests/slurm_cluster.py; removed when the test ends.\n"
 
 
@@ -67,7 +74,8 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
-NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+GresTypes=gpu
+NodeName={host} CPUs={cpus} RealMemory={memory_mb} Gres=gpu:{len(GPU_FILES)} State=UNKNOWN
 PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -84,14 +92,16 @@ def single_node_slurm(root: Path):
     munge_socket = root / "munge" / "munge.socket"
     host = socket.gethostname().split(".")[0]
     memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 - 1024
-    if SYSTEM_CONF.exists() and not SYSTEM_CONF.read_text().startswith(MARK):
-        raise RuntimeError(f"{SYSTEM_CONF} exists: this machine has a SLURM of its own, which the test leaves alone")
+    for path in (SYSTEM_CONF, GRES_CONF):
+        if path.exists() and not path.read_text().startswith(MARK):
+            raise RuntimeError(f"{path} exists: this machine has a SLURM of its own, which the test leaves alone")
     conf = SYSTEM_CONF
     env = {**os.environ, "SLURM_CONF": str(conf)}
     processes = []
     try:
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text(MARK + slurm_conf(root, host, os.cpu_count(), memory_mb, munge_socket))
+        GRES_CONF.write_text(MARK + "".join(f"NodeName={host} Name=gpu File={f}\n" for f in GPU_FILES))
         processes.append(_start(root, "munged", [
             "-F", "--force", f"--key-file={key}", f"--socket={munge_socket}",
             f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munge/munged.log", f"--seed-file={root}/munge/seed",
@@ -109,8 +119,9 @@ def single_node_slurm(root: Path):
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
-        if conf.exists() and conf.read_text().startswith(MARK):
-            conf.unlink()
+        for path in (conf, GRES_CONF):
+            if path.exists() and path.read_text().startswith(MARK):
+                path.unlink()
 
 
 def _start(root: Path, daemon: str, args: list[str], env: dict) -> subprocess.Popen:
