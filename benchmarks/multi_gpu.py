@@ -38,7 +38,6 @@ from gpu_lora import KERAS_GEMMA, LEARNING_RATE, WEIGHT_DECAY, emit, gpu_name, l
 
 def worker(args) -> None:
     import jax
-    import keras
 
     from lorastudy.distribution import distributed
     from lorastudy.finetune import TrainSettings, compile_for_training
@@ -58,7 +57,7 @@ def worker(args) -> None:
                                  learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
         data = training_batches()(random_examples([seq] * batch * steps, shape["vocabulary_size"]), [seq], batch, 0)
         model = compile_for_training(causal_lm, settings, total_steps=steps)
-        clock = StepClock()
+        clock = step_clock()
         model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[clock])
     steady = clock.ends[-1] - clock.ends[args.warmup - 1]
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") or 0 for d in jax.local_devices()]
@@ -67,24 +66,22 @@ def worker(args) -> None:
          peak_bytes_per_device=peaks, software=software())
 
 
-class StepClock:
-    """Keras callback: each step's own loss (Keras logs the epoch's running mean) and end time."""
+def step_clock():
+    """A Keras callback that records each step's own loss (Keras logs the epoch's running mean) and end time."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class StepClock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started, self.ends, self.means, self.losses = time.perf_counter(), [], [], []
 
-        class _Clock(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.started, self.ends, self.means, self.losses = time.perf_counter(), [], [], []
+        def on_train_batch_end(self, batch, logs=None):
+            mean = float(logs["loss"])  # waits for the step: the clock times finished steps
+            self.ends.append(time.perf_counter())
+            n = len(self.means)
+            self.losses.append(mean * (n + 1) - (self.means[-1] * n if n else 0.0))
+            self.means.append(mean)
 
-            def on_train_batch_end(self, batch, logs=None):
-                mean = float(logs["loss"])  # waits for the step: the clock times finished steps
-                self.ends.append(time.perf_counter())
-                n = len(self.means)
-                self.losses.append(mean * (n + 1) - (self.means[-1] * n if n else 0.0))
-                self.means.append(mean)
-
-        return _Clock()
+    return StepClock()
 
 
 def summarize(args) -> None:
@@ -100,13 +97,16 @@ def summarize(args) -> None:
 def summarize_jobs(records: list[dict], out: Path) -> None:
     """Two finetune jobs, `--resources gpu=1` (one after the other) against `gpu=2` (side by side)."""
     runs = {r["label"]: r for r in records if r["phase"] == "workflow"}
+
+    def jobs(run: dict) -> list[float]:
+        return [j["seconds"] for j in run["jobs"] if j["job"].startswith("finetune/")]
+
     rows = []
     for label, r in runs.items():
         if not label.startswith("side_by_side"):
             continue
         subset = label.rsplit("_", 1)[1]
         before = runs[f"one_after_the_other_{subset}"]
-        jobs = lambda run: [j["seconds"] for j in run["jobs"] if j["job"].startswith("finetune/")]  # noqa: E731
         rows.append({
             "subset": subset, "one_after_the_other_s": round(before["seconds"], 1), "side_by_side_s": round(r["seconds"], 1),
             "jobs_per_hour_ratio": round(before["seconds"] / r["seconds"], 3),

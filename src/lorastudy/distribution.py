@@ -108,11 +108,8 @@ def distributed(
     if distribution is None:
         yield None
         return
-    log.info(
-        "%s over %d devices: batch split %d ways, weights %d ways",
-        type(distribution).__name__, len(distribution.device_mesh.devices.flat),
-        data_parallel_size(distribution), len(distribution.device_mesh.devices.flat) // data_parallel_size(distribution),
-    )
+    n, batch_ways = distribution.device_mesh.devices.size, data_parallel_size(distribution)
+    log.info("%s over %d devices: batch split %d ways, weights %d ways", type(distribution).__name__, n, batch_ways, n // batch_ways)
     with distribution.scope():
         yield distribution
 

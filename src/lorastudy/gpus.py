@@ -38,7 +38,7 @@ def visible_gpus() -> list[str]:
     """The GPUs this process may use: `CUDA_VISIBLE_DEVICES` if set, else every NVIDIA GPU present."""
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     if given is not None:
-        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
+        return [d for d in (d.strip() for d in given.split(",")) if d and d != "-1"]
     # The driver lists one directory per GPU; reading it starts no CUDA context.
     listed = Path("/proc/driver/nvidia/gpus")
     if listed.is_dir():
