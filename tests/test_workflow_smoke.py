@@ -14,6 +14,7 @@ from workflow_helpers import REPO
 
 from lorastudy import paths
 from lorastudy.io import read_jsonl
+from lorastudy.quiet import NOISE
 
 pytestmark = pytest.mark.slow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -68,6 +69,13 @@ def test_every_job_has_a_log_and_the_expensive_ones_a_benchmark(smoke_run):
     logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
     assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32_r2_s0.log", "generate/tiny/base.log"} <= logs
     assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64_r4_s1.tsv").is_file()
+
+
+def test_job_logs_carry_no_library_start_up_notices(smoke_run):
+    notices = [*(n.decode() for n in NOISE), "Unable to initialize backend", "Using default tokenizer"]
+    for log in (smoke_run / "logs").rglob("*.log"):
+        text = log.read_text()
+        assert not [n for n in notices if n in text], log
 
 
 def test_export_target_writes_both_exports_of_the_best_run(smoke_run):

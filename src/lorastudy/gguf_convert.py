@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy.quiet import filtered_stderr
+
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "gemma3"
@@ -183,7 +185,8 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, sequence
     reader = gguf.GGUFReader(str(gguf_path))
     config = backbone_config(reader)
     log.info("GGUF %s: %s", Path(gguf_path).name, config)
-    tokenizer = keras_hub.models.Gemma3Tokenizer(proto=sentencepiece_proto(reader), has_vision_tokens=False)
+    with filtered_stderr():
+        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=sentencepiece_proto(reader), has_vision_tokens=False)
     backbone = keras_hub.models.Gemma3Backbone(**config, dtype="float32")
     weights = keras_weights(dequantized_tensors(reader), config)
     variables = {v.path.removeprefix(f"{backbone.name}/"): v for v in backbone.weights}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorastudy.io import atomic_dir, read_jsonl
+from lorastudy.quiet import filtered_stderr
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
     """Load a prepared preset (or any KerasHub preset) as a CausalLM task."""
     import keras_hub
 
-    return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
+    with filtered_stderr():
+        return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
 
 
 # --------------------------------------------------------------------------
@@ -155,7 +157,8 @@ def build_tiny_gemma(
     texts = [t for r in records for t in (r["instruction"], r["response"])]
     shape = dict(shape)
     proto = train_gemma_tokenizer(texts, shape.pop("vocabulary_size"))
-    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+    with filtered_stderr():
+        tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), **shape)
     preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=sequence_length)

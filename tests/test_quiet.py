@@ -1,0 +1,42 @@
+"""A quiet start: no library notices in the terminal or the job logs, real warnings kept."""
+
+import os
+import subprocess
+import sys
+
+from lorastudy.quiet import filtered_stderr
+
+
+def test_asking_a_model_prints_the_answer_and_nothing_else(tiny_preset):
+    done = subprocess.run(
+        [sys.executable, "-m", "lorastudy.cli", "ask", "--model", str(tiny_preset), "--max-new-tokens", "4", "Name a river."],
+        capture_output=True, text=True, check=True,
+    )
+    assert done.stderr == ""
+    assert done.stdout.strip()
+
+
+def test_only_the_listed_notices_are_dropped():
+    code = (
+        "import os, sys, warnings\n"
+        "from lorastudy.quiet import filtered_stderr\n"
+        "with filtered_stderr():\n"
+        "    os.write(2, b'I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on. You may see...\\n')\n"
+        "    os.write(2, b'W0000 00:00:1.0 1 something.cc:1] a real warning\\n')\n"
+        "    warnings.warn('a Python warning')\n"
+        "    print('on sys.stderr', file=sys.stderr)\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "oneDNN" not in err
+    assert "a real warning" in err and "a Python warning" in err and "on sys.stderr" in err
+
+
+def test_what_the_block_wrote_comes_out_when_it_raises(capfd):
+    try:
+        with filtered_stderr():
+            os.write(2, b"the reason it failed\n")
+            raise RuntimeError
+    except RuntimeError:
+        pass
+    assert capfd.readouterr().err == "the reason it failed\n"
+
