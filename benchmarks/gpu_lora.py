@@ -220,7 +220,7 @@ def ours_generate(args) -> None:
         settings = GenerateSettings(batch_size=batch, max_new_tokens=args.new_tokens)
         # End token -1 never occurs: every row generates all its new tokens, as
         # transformers does with min_new_tokens (random weights would stop at random).
-        generator = Generator(causal_lm, settings, end_token_id=-1, pad_token_id=0)
+        generator = Generator(causal_lm, settings, stop_token_ids=(-1,), pad_token_id=0)
         prompts = [rng.integers(3, KERAS_GEMMA[args.model]["vocabulary_size"], size=args.prompt_tokens).tolist() for _ in range(batch)]
         started = time.perf_counter()
         generator(prompts)
@@ -292,7 +292,7 @@ def ours_eval(args) -> None:
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, KERAS_GEMMA[args.model]["vocabulary_size"], size=int(n)).tolist() for n in np.clip(rng.normal(28, 10, 500), 12, 120)]
     started = time.perf_counter()
-    outputs = Generator(causal_lm, settings, end_token_id=1, pad_token_id=0)(prompts)
+    outputs = Generator(causal_lm, settings, stop_token_ids=(1,), pad_token_id=0)(prompts)
     seconds = time.perf_counter() - started
     emit(out, phase="eval500", framework="ours", model=args.model, batch=args.batch, prompts=len(prompts),
          new_tokens=sum(len(o["new_ids"]) for o in outputs), seconds_including_compilation=seconds, peak_bytes=jax_peak(), gpu=gpu_name())

@@ -117,6 +117,7 @@ def test_bad_model_override_names_the_key():
     ["config.yaml", "benchmarks/configs/gpu_2b_shape.yaml"],
     ["config.yaml", "paper.yaml", "benchmarks/configs/paper_2b_shape.yaml", "benchmarks/configs/paper_part_a.yaml"],
     ["config.yaml", "paper.yaml", "benchmarks/configs/paper_2b_shape.yaml", "benchmarks/configs/paper_part_b.yaml"],
+    ["config.yaml", "paper.yaml", "paper_gemma3.yaml"],
 ])
 def test_benchmark_configs_are_valid_as_snakemake_layers_them(layers):
     merged = {}
@@ -146,3 +147,30 @@ def test_dolly_eval_with_a_setting_changed_is_refused_by_name(change, message):
     change(merged)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(merged, SCHEMA)
+
+
+def test_prompt_format_and_model_prompts_resolve_to_templates():
+    from lorastudy.config import prompt_template
+    from lorastudy.prompts import CHAT_TEMPLATE, DEFAULT_TEMPLATE
+
+    config = minimal()
+    config["models"].update(
+        it={"source": "tiny", "prompt": {"format": "chat"}},
+        own={"source": "tiny", "prompt": {"template": "Q: {instruction}\nA: {response}"}},
+        same={"source": "tiny", "prompt": {}},
+    )
+    validate_config(config, SCHEMA)
+    assert [prompt_template(config, m) for m in ("tiny", "it", "own", "same")] == [
+        DEFAULT_TEMPLATE, CHAT_TEMPLATE, "Q: {instruction}\nA: {response}", DEFAULT_TEMPLATE,
+    ]
+    chat = minimal()
+    chat["prompt"] = {"format": "chat"}
+    validate_config(chat, SCHEMA)
+    assert prompt_template(chat, "tiny") == CHAT_TEMPLATE
+
+
+def test_a_bad_model_template_names_the_model():
+    config = minimal()
+    config["models"]["tiny"]["prompt"] = {"template": "{response} then {instruction}"}
+    with pytest.raises(ConfigError, match=r"models\.tiny\.prompt\.template: prompt\.template must put \{instruction\} before"):
+        validate_config(config, SCHEMA)

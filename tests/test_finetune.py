@@ -44,7 +44,7 @@ def test_two_epochs_write_one_adapter_each_and_the_loss_falls(trained):
 def test_train_json_is_plausible(trained):
     stats = json.loads((trained["dir"] / "train.json").read_text())
     assert stats == trained["stats"]
-    assert stats["training_examples"] == 32 and stats["steps"] == 16
+    assert stats["training_examples"] == 32 and stats["steps"] == 16 and stats["architecture"] == "gemma"
     # KerasHub's Gemma LoRA factors are per head: A is [heads, hidden, rank], B [rank, head_dim].
     # Query (2 heads) and value (1 head) of 2 layers, hidden 64, head_dim 32, rank 4:
     assert stats["trainable_parameters"] == 2 * ((2 * 64 * 4 + 4 * 32) + (1 * 64 * 4 + 4 * 32))

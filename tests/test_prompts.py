@@ -1,6 +1,6 @@
 import pytest
 
-from lorastudy.prompts import DEFAULT_TEMPLATE, PromptTemplate, fold_context
+from lorastudy.prompts import CHAT_TEMPLATE, DEFAULT_TEMPLATE, PromptTemplate, fold_context
 
 
 def test_default_template_is_the_kerashub_tutorials():
@@ -15,10 +15,17 @@ def test_prompt_is_a_prefix_of_the_training_text():
     assert t.text("x", "y").startswith(t.prompt("x"))
 
 
+def test_chat_format_is_gemmas_turns_closed_by_end_of_turn():
+    t = PromptTemplate(CHAT_TEMPLATE)
+    assert t.prompt("Name a colour.") == "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
+    assert t.text("Name a colour.", "Blue.") == t.prompt("Name a colour.") + "Blue.<end_of_turn>"
+    assert t.end == "<end_of_turn>" and PromptTemplate().end == ""
+
+
 @pytest.mark.parametrize(
     "template, message",
     [
-        ("{instruction} {response} end", "must end with {response}"),
+        ("{response} {instruction}", "must put {instruction} before {response}"),
         ("{response}", "exactly the fields"),
         ("{instruction} {context} {response}", "exactly the fields"),
     ],

@@ -34,6 +34,12 @@ def test_sequence_is_bos_prompt_response_eos_and_weights_cover_the_response():
     assert ex.loss_weights.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+def test_the_text_closing_a_response_is_trained_on_before_eos():
+    examples, _ = encode_examples(CharTokenizer(), RECORDS, PromptTemplate("I{instruction}R{response}E"), 32)
+    assert examples[0].token_ids.tolist() == [2, *map(ord, "IabR"), *map(ord, "xyzE"), 1]
+    assert examples[0].loss_weights.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+
+
 def test_unmasked_training_weights_every_target():
     examples, _ = encode_examples(CharTokenizer(), RECORDS, TEMPLATE, 32, mask_prompt=False)
     assert examples[1].loss_weights.tolist() == [1.0] * (len(examples[1].token_ids) - 1)

@@ -24,6 +24,15 @@ def test_paper_dag_dry_run_needs_no_gpu_or_network(tmp_path):
     assert "download_dolly" in result.stdout and "split" in result.stdout
 
 
+def test_gemma2_and_gemma3_paper_dag_dry_run(tmp_path):
+    configs = [str(REPO / "config" / name) for name in ("paper.yaml", "paper_gemma3.yaml")]
+    result = snakemake(tmp_path, "-n", "--configfile", *configs)
+    for model in ("gemma2_2b_en", "gemma3_1b", "gemma3_instruct_1b", "gemma3_4b_text"):
+        assert f"model={model}" in result.stdout
+    # Per model: 3 subsets x 3 ranks x 3 seeds finetune jobs, each trained to 3 epochs.
+    assert result.stdout.count("rule finetune:") == 4 * 27
+
+
 def test_bad_config_stops_the_workflow_naming_the_key(tmp_path):
     config = data_config(tmp_path, make_dolly(tmp_path / "dolly.jsonl", n=10))
     config["data"]["val_sise"] = 3

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lorastudy.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from lorastudy.prompts import DEFAULT_TEMPLATE, TEMPLATES, PromptTemplate
 
 
 def ask(args: argparse.Namespace) -> str:
@@ -36,7 +36,8 @@ def ask(args: argparse.Namespace) -> str:
     )
     causal_lm = load_for_generation(args.model, args.adapter, settings=settings)
     tokenizer = causal_lm.preprocessor.tokenizer
-    (out,) = Generator.for_task(causal_lm, settings)(prompt_token_ids(tokenizer, [PromptTemplate(args.template).prompt(args.prompt)]))
+    template = PromptTemplate(TEMPLATES["chat"] if args.chat else args.template)
+    (out,) = Generator.for_task(causal_lm, settings, template)(prompt_token_ids(tokenizer, [template.prompt(args.prompt)]))
     return detokenize(tokenizer, out["new_ids"])
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a prepared preset directory (results/models/<name>/preset) or a KerasHub preset")
     p.add_argument("--adapter", help="an adapter_epoch<e>.lora.h5 written by the finetune stage")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="the prompt template the adapter was trained with")
+    p.add_argument("--chat", action="store_true", help="Gemma's chat turns (prompt.format: chat), for instruction-tuned models")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sampler", choices=["greedy", "top_k"], default="greedy")
     p.add_argument("--top-k", type=int, default=5)

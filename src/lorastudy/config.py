@@ -60,6 +60,36 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
     check_model_overrides(config, schema)
     check_grid(config)
     check_protocol(config)
+    resolve_prompts(config)
+
+
+def resolve_prompts(config: MutableMapping[str, Any]) -> None:
+    """Fill in each prompt template from its format, and check every template.
+
+    A model's own `prompt.template` or `prompt.format` comes first, then the
+    prompt section's template, then its format.
+    """
+    from lorastudy.prompts import TEMPLATES, PromptTemplate
+
+    section = config["prompt"]
+    if section["template"] is None:
+        section["template"] = TEMPLATES[section["format"]]
+    places = [("prompt", section)]
+    for name, spec in config["models"].items():
+        own = spec.get("prompt")
+        if own is not None:
+            own.setdefault("template", TEMPLATES[own["format"]] if "format" in own else section["template"])
+            places.append((f"models.{name}.prompt", own))
+    for where, prompt in places:
+        try:
+            PromptTemplate(prompt["template"])
+        except ValueError as error:
+            raise ConfigError(f"invalid config:\n  {where}.template: {error}") from None
+
+
+def prompt_template(config: MutableMapping[str, Any], model: str) -> str:
+    """The prompt template of one model (after `resolve_prompts`)."""
+    return config["models"][model].get("prompt", {}).get("template", config["prompt"]["template"])
 
 
 OVERRIDABLE = ("train", "generate")

@@ -4,7 +4,8 @@
   (alpha / rank) · A·B added in, saved with `save_to_preset`, so plain
   `from_preset` loads the fine-tuned model with no LoRA code.
 - A PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) with
-  the tensor names and shapes PEFT expects for transformers' Gemma.
+  the tensor names and shapes PEFT expects for transformers' Gemma,
+  Gemma2 and Gemma3 (text) causal LMs, which name their modules alike.
 
 KerasHub's LoRA factors follow its kernels' head axes. For the query, key and
 value projections (kernel [heads, hidden, head_dim]) A is per head
@@ -32,7 +33,7 @@ from lorastudy.models import load_causal_lm
 
 log = logging.getLogger(__name__)
 
-# KerasHub layer names -> transformers' Gemma module names.
+# KerasHub layer names -> transformers' module names, the same in Gemma, Gemma 2 and Gemma 3.
 HF_MODULES = {
     "query": "self_attn.q_proj",
     "key": "self_attn.k_proj",
@@ -118,6 +119,12 @@ def peft_adapter(
     from safetensors.numpy import save_file
 
     tuned = load_causal_lm(preset)
+    if getattr(tuned.backbone, "vision_encoder", None) is not None:
+        # transformers nests such a model's layers under language_model; untested here, so refused.
+        raise ExportError(
+            f"{preset}: a Gemma 3 with its vision encoder has no PEFT export here; "
+            "train on the text-only preset (e.g. gemma3_4b_text)"
+        )
     spec: LoraSpec = load_adapter(tuned.backbone, adapter)
     tensors, ranks, alphas = {}, {}, {}
     for layer in lora_layers(tuned.backbone):

@@ -40,7 +40,7 @@ from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.distribution import distributed
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
 from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora
-from lorastudy.models import attention_heads, dtype_policies, load_causal_lm
+from lorastudy.models import architecture, attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import Example, choose_widths, encode_examples, training_batches
 
@@ -389,6 +389,7 @@ def _finetune(preset, train_path, val_path, adapter_paths, history_path, stats_p
     steady = t["train_seconds"] - t["train_compile_seconds"]
     stats = {
         "preset": str(preset),
+        "architecture": architecture(backbone),
         "rank": rank,
         "lora_targets": list(spec.targets),
         "lora_alpha": spec.alpha if spec.alpha is not None else rank,

@@ -100,13 +100,13 @@ class Generator:
     Args:
         causal_lm: a KerasHub CausalLM.
         settings: batch size, new-token limit, padding multiple.
-        end_token_id: generation of a row stops at this token.
+        stop_token_ids: generation of a row stops at any of these tokens.
         pad_token_id: fills batches beyond each prompt.
     """
 
-    def __init__(self, causal_lm, settings: GenerateSettings, end_token_id: int, pad_token_id: int):
+    def __init__(self, causal_lm, settings: GenerateSettings, stop_token_ids: Sequence[int], pad_token_id: int):
         self.settings = settings
-        self.end_token_id, self.pad_token_id = end_token_id, pad_token_id
+        self.stop_token_ids, self.pad_token_id = tuple(stop_token_ids), pad_token_id
         # KerasHub's compiled generation loop, called on token ids directly: the
         # tokens are prepared here, as in training, and `CausalLM.generate`
         # would only wrap pre- and post-processing around this same function.
@@ -123,9 +123,9 @@ class Generator:
         self.distribution = keras.distribution.distribution()
 
     @classmethod
-    def for_task(cls, causal_lm, settings: GenerateSettings) -> "Generator":
+    def for_task(cls, causal_lm, settings: GenerateSettings, template: PromptTemplate) -> "Generator":
         tokenizer = causal_lm.preprocessor.tokenizer
-        return cls(causal_lm, settings, tokenizer.end_token_id, tokenizer.pad_token_id)
+        return cls(causal_lm, settings, stop_token_ids(tokenizer, template), tokenizer.pad_token_id)
 
     def __call__(self, prompt_ids: Sequence[list[int]], seed: int | None = None) -> list[dict[str, Any]]:
         """Generate for every prompt; returns, in input order, new token ids and whether <eos> ended them.
@@ -152,21 +152,33 @@ class Generator:
         return results
 
     def _generate(self, rows: list[list[int]], width: int) -> list[dict[str, Any]]:
-        eos = self.end_token_id
         token_ids = np.full((len(rows), width), self.pad_token_id, "int32")
         padding_mask = np.zeros((len(rows), width), bool)
         for r, ids in enumerate(rows):
             token_ids[r, : len(ids)] = ids
             padding_mask[r, : len(ids)] = True
         inputs = shard_batch({"token_ids": token_ids, "padding_mask": padding_mask}, self.distribution)
-        output = self.generate_function(inputs, stop_token_ids=(eos,))
+        output = self.generate_function(inputs, stop_token_ids=self.stop_token_ids)
         generated = np.asarray(output["token_ids"])
         results = []
         for r, ids in enumerate(rows):
             new = generated[r, len(ids) : len(ids) + self.settings.max_new_tokens].tolist()
-            stopped = eos in new
-            results.append({"new_ids": new[: new.index(eos)] if stopped else new, "stopped": stopped})
+            stop = next((t for t, token in enumerate(new) if token in self.stop_token_ids), None)
+            results.append({"new_ids": new if stop is None else new[:stop], "stopped": stop is not None})
         return results
+
+
+def stop_token_ids(tokenizer, template: PromptTemplate) -> tuple[int, ...]:
+    """`<eos>`, and the token that closes a response in the template's format (chat: `<end_of_turn>`)."""
+    if not template.end:
+        return (tokenizer.end_token_id,)
+    (end, *rest) = token_lists(tokenizer, [template.end])[0] or [None]
+    if end is None or rest:
+        raise ValueError(
+            f"prompt.template: the text after {{response}}, {template.end!r}, must be one token of the "
+            "model's tokenizer (as Gemma's <end_of_turn> is), so that generation stops at it"
+        )
+    return (tokenizer.end_token_id, end)
 
 
 def prompt_token_ids(tokenizer, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
@@ -220,7 +232,7 @@ def _generate_all(preset, test_path, out_paths, stats_paths, template, adapters,
     prompts = [prompt.prompt(r["instruction"]) for r in records]
     causal_lm = load_for_generation(preset, runs[0], rank, s)
     tokenizer = causal_lm.preprocessor.tokenizer
-    generator = Generator.for_task(causal_lm, s)
+    generator = Generator.for_task(causal_lm, s, prompt)
     prompt_ids = prompt_token_ids(tokenizer, prompts)
     truncated = 0
     if s.max_prompt_tokens is not None:

@@ -23,7 +23,7 @@ import h5py
 
 from lorastudy.io import atomic_path
 
-# KerasHub's layer names in Gemma and Gemma 3 decoder blocks.
+# KerasHub's layer names in Gemma, Gemma 2 and Gemma 3 decoder blocks.
 ATTENTION = ("query", "key", "value", "attention_output")
 FEED_FORWARD = ("ffw_gating", "ffw_gating_2", "ffw_linear")
 TARGETS = ATTENTION + FEED_FORWARD

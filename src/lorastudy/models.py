@@ -143,27 +143,77 @@ def train_gemma_tokenizer(texts: list[str], vocabulary_size: int) -> bytes:
     return model.getvalue()
 
 
+# What makes a Gemma a Gemma 2 or a Gemma 3, in KerasHub's own classes and
+# flags (Gemma 2 is KerasHub's GemmaBackbone with these on): sliding-window
+# attention in alternate layers (Gemma 3: five of every six), logit
+# soft-capping (Gemma 2), query/key norms and two RoPE wavelengths (Gemma 3).
+# The tiny window is short, so that the test sequences cross it.
+ARCHITECTURES = {
+    "gemma": ("Gemma", {}),
+    "gemma2": ("Gemma", {
+        "query_head_dim_normalize": True,
+        "use_post_ffw_norm": True,
+        "use_post_attention_norm": True,
+        "final_logit_soft_cap": 30.0,
+        "attention_logit_soft_cap": 50.0,
+        "use_sliding_window_attention": True,
+        "sliding_window_size": 16,
+    }),
+    "gemma3": ("Gemma3", {
+        "image_size": None,
+        "use_post_ffw_norm": True,
+        "use_post_attention_norm": True,
+        "use_sliding_window_attention": True,
+        "sliding_window_size": 16,
+    }),
+}
+
+
+def _architecture(class_name: str, post_ffw_norm: bool) -> str:
+    if class_name.endswith("Gemma3Backbone"):
+        return "gemma3"
+    if class_name.endswith("GemmaBackbone"):
+        return "gemma2" if post_ffw_norm else "gemma"
+    raise ModelError(f"not a Gemma backbone of KerasHub: {class_name or 'no class name'}")
+
+
+def architecture(backbone) -> str:
+    """`gemma`, `gemma2` or `gemma3`, from a KerasHub backbone's class and flags (never its preset's name)."""
+    return _architecture(type(backbone).__name__, bool(getattr(backbone, "use_post_ffw_norm", False)))
+
+
+def preset_architecture(preset: str | os.PathLike) -> str:
+    """The architecture of a prepared preset directory, from its config.json."""
+    config = json.loads((Path(preset) / "config.json").read_text())
+    return _architecture(config.get("registered_name", ""), bool(config["config"].get("use_post_ffw_norm")))
+
+
 def build_tiny_gemma(
     dest: str | os.PathLike,
     records: list[dict[str, Any]],
-    shape: Mapping[str, int],
+    shape: Mapping[str, Any],
     sequence_length: int = 256,
     seed: int = 0,
 ) -> None:
-    """Save a random-weight Gemma, with a tokenizer trained on `records`, as a preset."""
+    """Save a random-weight Gemma (`shape["architecture"]`, default gemma), with a tokenizer trained on `records`."""
     import keras
     import keras_hub
 
     texts = [t for r in records for t in (r["instruction"], r["response"])]
     shape = dict(shape)
+    prefix, flags = ARCHITECTURES[shape.pop("architecture", "gemma")]
     proto = train_gemma_tokenizer(texts, shape.pop("vocabulary_size"))
+    classes = keras_hub.models
     with filtered_stderr():
-        tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+        if prefix == "Gemma3":
+            tokenizer = classes.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
+        else:
+            tokenizer = classes.GemmaTokenizer(proto=proto)
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), **shape)
-    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=sequence_length)
-    keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(dest))
-    log.info("tiny Gemma: %d parameters, vocabulary %d", backbone.count_params(), tokenizer.vocabulary_size())
+    backbone = getattr(classes, f"{prefix}Backbone")(vocabulary_size=tokenizer.vocabulary_size(), **{**flags, **shape})
+    preprocessor = getattr(classes, f"{prefix}CausalLMPreprocessor")(tokenizer, sequence_length=sequence_length)
+    getattr(classes, f"{prefix}CausalLM")(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(dest))
+    log.info("tiny %s: %d parameters, vocabulary %d", type(backbone).__name__, backbone.count_params(), tokenizer.vocabulary_size())
 
 
 def kaggle_credentials_available() -> bool:

@@ -1,9 +1,17 @@
 """The prompt template that training and generation share.
 
-A record becomes `template.format(instruction=..., response=...)`. The template
-must end with `{response}`: everything before it is the prompt, which is what
-the model sees at generation time and what the loss mask hides in training.
-Keeping both uses on one object is what makes the two agree.
+A record becomes `template.format(instruction=..., response=...)`. Everything
+before `{response}` is the prompt, which is what the model sees at generation
+time and what the loss mask hides in training. Text after `{response}` (the
+chat format's `<end_of_turn>`) closes the response: it is trained on, and
+generation stops at it. Keeping both uses on one object is what makes the
+two agree.
+
+Two formats (`prompt.format`):
+- `plain`: the Dolly instruction/response template of the KerasHub Gemma LoRA
+  tutorial, for pretrained checkpoints;
+- `chat`: Gemma's chat turns, which its instruction-tuned checkpoints
+  (`gemma2_instruct_2b_en`, `gemma3_instruct_1b`, ...) were trained on.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import string
 from dataclasses import dataclass
 
 DEFAULT_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"
+CHAT_TEMPLATE = "<start_of_turn>user\n{instruction}<end_of_turn>\n<start_of_turn>model\n{response}<end_of_turn>"
+TEMPLATES = {"plain": DEFAULT_TEMPLATE, "chat": CHAT_TEMPLATE}
 # How `filter_context` folds a record's context into its instruction in
 # `include` mode, so that one template serves both modes.
 DEFAULT_CONTEXT_TEMPLATE = "{instruction}\n\nContext:\n{context}"
@@ -27,7 +37,7 @@ class PromptTemplate:
 
     Args:
         template: a `str.format` template with the fields `{instruction}` and
-            `{response}`, ending with `{response}`.
+            `{response}`; text after `{response}` closes the response.
 
     Examples:
     >>> t = PromptTemplate()
@@ -35,6 +45,8 @@ class PromptTemplate:
     'Instruction:\\nName a colour.\\n\\nResponse:\\n'
     >>> t.prompt("Name a colour.") + "Blue." == t.text("Name a colour.", "Blue.")
     True
+    >>> PromptTemplate(CHAT_TEMPLATE).end
+    '<end_of_turn>'
     """
 
     template: str = DEFAULT_TEMPLATE
@@ -46,19 +58,24 @@ class PromptTemplate:
                 f"prompt.template must use exactly the fields {{instruction}} and {{response}} "
                 f"once each; it uses {fields}"
             )
-        if not self.template.endswith("{response}"):
+        if "{instruction}" in self.template.split("{response}", 1)[1]:
             raise ValueError(
-                "prompt.template must end with {response}: the text before it is the prompt "
-                "that generation continues"
+                "prompt.template must put {instruction} before {response}: the text before "
+                "{response} is the prompt that generation continues"
             )
+
+    @property
+    def end(self) -> str:
+        """The text that closes a response ('' when the template ends with {response})."""
+        return self.template.split("{response}", 1)[1].format()
 
     def prompt(self, instruction: str) -> str:
         """The text up to where the response begins."""
-        return self.template[: -len("{response}")].format(instruction=instruction)
+        return self.template.split("{response}", 1)[0].format(instruction=instruction)
 
     def text(self, instruction: str, response: str) -> str:
-        """The whole training text: prompt followed by response."""
-        return self.prompt(instruction) + response
+        """The whole training text: prompt, response and the text that closes it."""
+        return self.prompt(instruction) + response + self.end
 
 
 def fold_context(instruction: str, context: str, context_template: str = DEFAULT_CONTEXT_TEMPLATE) -> str:

@@ -1,10 +1,12 @@
 """Records to token arrays: training sequences with loss weights, and batches.
 
-A training sequence is `<bos> prompt response <eos>`, the prompt and the
-response tokenized separately so that the prompt's tokens are exactly those
-that generation will see. The loss weight of a target token is 1 where it
-belongs to the response (or is the closing `<eos>`), 0 on the prompt (unless
-the whole sequence is trained on) and on padding.
+A training sequence is `<bos> prompt response end <eos>` (`end` being the
+template's closing text, such as the chat format's `<end_of_turn>`, often
+none), the prompt and the response tokenized separately so that the
+prompt's tokens are exactly those that generation will see. The loss weight
+of a target token is 1 where it belongs to the response (or is the closing
+`end` or `<eos>`), 0 on the prompt (unless the whole sequence is trained on)
+and on padding.
 
 Batches are drawn in length buckets: each batch holds records of one
 bucket and is padded only to that bucket's width, not to the full sequence
@@ -64,9 +66,10 @@ def encode_examples(
     bos, eos = tokenizer.start_token_id, tokenizer.end_token_id
     prompts = token_lists(tokenizer, [template.prompt(r["instruction"]) for r in records])
     responses = token_lists(tokenizer, [r["response"] for r in records])
+    end = token_lists(tokenizer, [template.end])[0] if template.end else []
     examples, counts = [], {"records": len(records), "truncated": 0, "skipped": 0}
     for record, p, r in zip(records, prompts, responses):
-        ids = [bos, *p, *r, eos]
+        ids = [bos, *p, *r, *end, eos]
         # Target t predicts ids[t + 1]; the response starts at target len(p).
         weights = [0.0 if mask_prompt and t < len(p) else 1.0 for t in range(len(ids) - 1)]
         truncated = len(ids) > sequence_length + 1

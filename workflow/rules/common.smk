@@ -9,6 +9,7 @@ from lorastudy.config import (
     job_resources,
     largest_subset,
     model_settings,
+    prompt_template,
     validate_config,
 )
 
@@ -43,6 +44,10 @@ wildcard_constraints:
 
 def settings(section):
     return lambda wildcards: model_settings(config, wildcards.model, section)
+
+
+def prompt_template_of_model(wildcards):
+    return prompt_template(config, wildcards.model)
 
 
 def resource(rule, key):

@@ -18,7 +18,7 @@ rule generate_base:
         cpus_per_task=resource("generate", "cpus_per_task"),
         gpu=resource("generate", "gpu"),
     params:
-        template=lambda wildcards: config["prompt"]["template"],
+        template=prompt_template_of_model,
         settings=settings("generate"),
         compilation_cache=config["compilation_cache"],
         # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
@@ -56,7 +56,7 @@ rule generate:
         gpu=resource("generate", "gpu"),
     params:
         rank=lambda wildcards: int(wildcards.rank),
-        template=lambda wildcards: config["prompt"]["template"],
+        template=prompt_template_of_model,
         settings=settings("generate"),
         compilation_cache=config["compilation_cache"],
         # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).

@@ -21,7 +21,7 @@ rule finetune:
         gpu=resource("finetune", "gpu"),
     params:
         rank=lambda wildcards: int(wildcards.rank),
-        template=lambda wildcards: config["prompt"]["template"],
+        template=prompt_template_of_model,
         # The grid's seed is the run's training seed (LoRA initialisation, batch order).
         settings=lambda wildcards: model_settings(config, wildcards.model, "train")
         | {"seed": int(wildcards.seed)},

@@ -1,0 +1,174 @@
+"""Gemma 2 and Gemma 3 through the study: LoRA, answers in Gemma's chat format, the PEFT export.
+
+Small random-weight backbones of KerasHub's own classes, with the features
+that set them apart switched on: sliding-window attention (a 16-token window
+that the test sequences cross), Gemma 2's logit soft-capping, Gemma 3's
+query/key norms and its two RoPE wavelengths (six layers: five local, one
+global).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lorastudy.export import peft_adapter
+from lorastudy.finetune import finetune
+from lorastudy.generate import generate, load_for_generation, stop_token_ids
+from lorastudy.io import read_jsonl
+from lorastudy.lora import TARGETS, LoraSpec, enable_lora, lora_layers, read_spec, save_adapter
+from lorastudy.models import load_causal_lm, preset_architecture, prepare_model
+from lorastudy.prompts import CHAT_TEMPLATE, PromptTemplate
+
+SHAPES = {"gemma2": {"architecture": "gemma2"}, "gemma3": {"architecture": "gemma3", "num_layers": 6}}
+FAST = {"learning_rate": 5e-3, "batch_size": 4, "log_every_n_steps": 2, "sequence_length": 64, "pad_multiple": 32}
+TOKENS = np.array([[2, *range(40, 63)]], "int32")  # 24 tokens: past the 16-token window
+
+
+def _logits(causal_lm, tokens=TOKENS):
+    return np.asarray(causal_lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}))
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def preset(request, tmp_path_factory, tiny_data):
+    dest = tmp_path_factory.mktemp(request.param) / "preset"
+    prepare_model(request.param, {"source": "tiny", "tiny": SHAPES[request.param]}, dest, train_path=tiny_data["train"], sequence_length=64)
+    return request.param, dest
+
+
+def test_the_architecture_comes_from_the_backbone(preset):
+    architecture, path = preset
+    assert preset_architecture(path) == architecture
+
+
+def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_data, tmp_path):
+    architecture, path = preset
+    adapters = [tmp_path / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
+    finetune(path, tiny_data["train"], tiny_data["val"], adapters, tmp_path / "history.csv", tmp_path / "train.json",
+             rank=4, template=CHAT_TEMPLATE, settings=FAST)
+    epochs = [r for r in csv.DictReader(open(tmp_path / "history.csv")) if r["kind"] == "epoch"]
+    assert float(epochs[1]["loss"]) < float(epochs[0]["loss"])
+    assert [read_spec(a).rank for a in adapters] == [4, 4]
+    assert json.loads((tmp_path / "train.json").read_text())["architecture"] == architecture
+    outs = [tmp_path / f"epoch{e}.jsonl" for e in (1, 2)]
+    generate(path, tiny_data["test"], outs, [tmp_path / f"epoch{e}.json" for e in (1, 2)], CHAT_TEMPLATE,
+             adapters=adapters, rank=4, settings={"batch_size": 4, "max_new_tokens": 8, "pad_multiple": 16})
+    rows = read_jsonl(outs[1])
+    assert len(rows) == len(read_jsonl(tiny_data["test"]))
+    assert rows[0]["prompt"].startswith("<start_of_turn>user\n") and rows[0]["prompt"].endswith("<start_of_turn>model\n")
+
+
+def test_chat_answers_stop_at_end_of_turn(preset):
+    _, path = preset
+    tokenizer = load_for_generation(path).preprocessor.tokenizer
+    assert stop_token_ids(tokenizer, PromptTemplate(CHAT_TEMPLATE)) == (1, tokenizer.token_to_id("<end_of_turn>"))
+    with pytest.raises(ValueError, match="must be one token of the model's tokenizer"):
+        stop_token_ids(tokenizer, PromptTemplate("{instruction}{response} the end"))
+
+
+def _random_norms(weights, seed=1):
+    rng = np.random.default_rng(seed)
+    for v in weights:
+        if "norm" in v.path:
+            v.assign(rng.normal(0, 0.3, v.shape))
+
+
+def twins(preset, architecture, tmp):
+    """A KerasHub preset and a transformers checkpoint with the same random weights, norms included.
+
+    KerasHub's own converters make the pair: it exports Gemma 3 to
+    transformers, and imports Gemma 2 from it (it does not export Gemma 2).
+    """
+    import keras_hub
+    import torch
+    import transformers
+
+    lm = load_causal_lm(preset)
+    b = lm.backbone
+    if architecture == "gemma2":
+        config = transformers.Gemma2Config(
+            vocab_size=b.vocabulary_size, hidden_size=b.hidden_dim, intermediate_size=b.intermediate_dim // 2,
+            num_hidden_layers=b.num_layers, num_attention_heads=b.num_query_heads, num_key_value_heads=b.num_key_value_heads,
+            head_dim=b.head_dim, query_pre_attn_scalar=b.head_dim, sliding_window=b.sliding_window_size,
+            final_logit_softcapping=b.final_logit_soft_cap, attn_logit_softcapping=b.attention_logit_soft_cap,
+        )
+        torch.manual_seed(0)
+        hf = transformers.Gemma2ForCausalLM(config)
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                torch.nn.init.normal_(p, 0, 0.3)
+        hf.save_pretrained(tmp / "hf")
+        backbone = keras_hub.models.Backbone.from_preset(str(tmp / "hf"), dtype="float32")
+        lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=lm.preprocessor)
+    else:
+        _random_norms(b.weights)
+        b.export_to_transformers(str(tmp / "hf"))
+    lm.save_to_preset(str(tmp / "keras"))
+    return tmp / "keras", tmp / "hf"
+
+
+def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
+    import peft
+    import torch
+    import transformers
+
+    architecture, path = preset
+    keras_preset, hf_dir = twins(path, architecture, tmp_path)
+    lm = load_causal_lm(keras_preset)
+    spec = LoraSpec(4, TARGETS, alpha=8.0)
+    rng = np.random.default_rng(0)
+    for layer in enable_lora(lm.backbone, spec):
+        layer.lora_kernel_a.assign(rng.normal(0, 0.05, layer.lora_kernel_a.shape))
+        layer.lora_kernel_b.assign(rng.normal(0, 0.05, layer.lora_kernel_b.shape))
+    assert len(lora_layers(lm.backbone)) == len(TARGETS) * lm.backbone.num_layers
+    save_adapter(lm.backbone, spec, tmp_path / "adapter.lora.h5")
+    expected = _logits(lm)
+    peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft", base_model_name_or_path=str(hf_dir))
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    assert type(base).__name__ == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[architecture]
+    with torch.no_grad():
+        plain = base(torch.tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(plain, _logits(load_causal_lm(keras_preset)), rtol=1e-4, atol=1e-4)
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
+    with torch.no_grad():
+        actual = tuned(torch.tensor(TOKENS)).logits.numpy()
+    assert np.abs(actual - plain).max() > 1e-2
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+SPLIT = """
+import json, sys
+import numpy as np
+from lorastudy.distribution import distributed
+from lorastudy.models import attention_heads, load_causal_lm
+
+preset = sys.argv[1]
+tokens = np.array([[2, *range(40, 63)]] * 2, "int32")
+x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
+one = np.asarray(load_causal_lm(preset)(x))
+with distributed(2, 2, heads=attention_heads(preset)):
+    lm = load_causal_lm(preset)
+    split = np.asarray(lm(x))
+    block = lm.backbone.get_layer("decoder_block_0")
+    specs = [list(layer.kernel.value.sharding.spec) for layer in (block.attention.query_dense, block.gating_ffw)]
+print(json.dumps({"difference": float(np.abs(split - one).max()), "specs": specs}))
+"""
+
+
+def test_weights_split_over_two_devices_give_the_same_logits(preset):
+    """KerasHub's Gemma layout map, by weight path, holds for Gemma 2 and Gemma 3 too."""
+    _, path = preset
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", SPLIT, str(path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["difference"] < 1e-5
+    # Two query heads split by head; the feed-forward gate along its output axis.
+    assert result["specs"] == [["model", "batch", None], ["batch", "model"]]
