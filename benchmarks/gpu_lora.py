@@ -5,14 +5,16 @@
 Every measurement runs in a process of its own (JAX and PyTorch never share
 the GPU, and each peak is its own) and appends one JSON line to
 DIR/results.jsonl. Random weights with the real architectures (KerasHub's
-Gemma 2B and 7B configurations), since the real weights are out of reach here.
+configurations of Gemma 2B and 7B, Gemma 2 2B, Gemma 3 1B and 4B), since the
+real weights are out of reach here (benchmarks/real_270m.py runs the one real
+checkpoint there is).
 
 Ours is the workflow's own code: `lorastudy.finetune.compile_for_training`
 (KerasHub's CausalLM layers, `enable_lora`, AdamW, masked cross-entropy,
 Keras `fit` on JAX) fed by the finetune stage's batches, and
 `lorastudy.generate.Generator` (KerasHub's compiled generation loop). The
-peer is what a user would otherwise pick: transformers' GemmaForCausalLM in
-bfloat16 with PEFT LoRA on q_proj and v_proj, torch's AdamW with the same
+peer is what a user would otherwise pick: transformers' Gemma (Gemma2, Gemma3
+text) causal LM in bfloat16 with PEFT LoRA on q_proj and v_proj, torch's AdamW with the same
 settings, the same shapes, eager PyTorch, `model.generate` for generation.
 
 Throughput counts tokens of the batch (all real tokens, no padding, in the
@@ -35,25 +37,60 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+import lorastudy  # noqa: E402, F401 - JAX as Keras's backend, and a quiet start, before any keras import
 
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}
+# Gemma 2 and 3 with the flags their KerasHub presets set (Gemma 2 is KerasHub's GemmaBackbone).
+GEMMA2 = dict(query_head_dim_normalize=True, use_post_ffw_norm=True, use_post_attention_norm=True,
+              final_logit_soft_cap=30.0, attention_logit_soft_cap=50.0, use_sliding_window_attention=True)
+GEMMA3 = dict(image_size=None, use_post_ffw_norm=True, use_post_attention_norm=True, use_sliding_window_attention=True)
 KERAS_GEMMA = {
     "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
                      hidden_dim=2048, intermediate_dim=32768, head_dim=256),
     "gemma_7b": dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
                      hidden_dim=3072, intermediate_dim=49152, head_dim=256),
+    "gemma2_2b": dict(vocabulary_size=256000, num_layers=26, num_query_heads=8, num_key_value_heads=4,
+                      hidden_dim=2304, intermediate_dim=18432, head_dim=256, sliding_window_size=4096, **GEMMA2),
+    "gemma3_1b": dict(vocabulary_size=262144, num_layers=26, num_query_heads=4, num_key_value_heads=1,
+                      hidden_dim=1152, intermediate_dim=6912, head_dim=256, sliding_window_size=512, **GEMMA3),
+    "gemma3_4b": dict(vocabulary_size=262144, num_layers=34, num_query_heads=8, num_key_value_heads=4,
+                      hidden_dim=2560, intermediate_dim=10240, head_dim=256, sliding_window_size=1024, **GEMMA3),
     # For a dry run of this script on a CPU.
     "gemma_tiny": dict(vocabulary_size=1000, num_layers=2, num_query_heads=2, num_key_value_heads=1,
                        hidden_dim=64, intermediate_dim=128, head_dim=32),
+    "gemma3_tiny": dict(vocabulary_size=1000, num_layers=6, num_query_heads=2, num_key_value_heads=1,
+                        hidden_dim=64, intermediate_dim=128, head_dim=32, sliding_window_size=16, **GEMMA3),
 }
-# The same models as transformers configures them (KerasHub's intermediate_dim counts both halves).
-HF_GEMMA = {
-    name: dict(vocab_size=c["vocabulary_size"], num_hidden_layers=c["num_layers"], num_attention_heads=c["num_query_heads"],
-               num_key_value_heads=c["num_key_value_heads"], hidden_size=c["hidden_dim"],
-               intermediate_size=c["intermediate_dim"] // 2, head_dim=c["head_dim"], max_position_embeddings=8192,
-               hidden_act="gelu_pytorch_tanh")
-    for name, c in KERAS_GEMMA.items()
-}
+NEWER = ["gemma2_2b", "gemma3_1b", "gemma3_4b"]
+
+
+def family(model: str) -> str:
+    """gemma, gemma2 or gemma3."""
+    return model.split("_")[0]
+
+
+def vocabulary(model: str) -> int:
+    return KERAS_GEMMA[model]["vocabulary_size"]
+
+
+def hf_config(model: str):
+    """The same model as transformers configures it (KerasHub's GemmaBackbone, unlike Gemma3Backbone, counts both feed-forward halves)."""
+    import transformers
+
+    c = KERAS_GEMMA[model]
+    halves = 1 if family(model) == "gemma3" else 2
+    common = dict(vocab_size=c["vocabulary_size"], num_hidden_layers=c["num_layers"], num_attention_heads=c["num_query_heads"],
+                  num_key_value_heads=c["num_key_value_heads"], hidden_size=c["hidden_dim"],
+                  intermediate_size=c["intermediate_dim"] // halves, head_dim=c["head_dim"], max_position_embeddings=8192)
+    if family(model) == "gemma":
+        return transformers.GemmaConfig(**common, hidden_act="gelu_pytorch_tanh")
+    newer = dict(query_pre_attn_scalar=c["head_dim"], sliding_window=c["sliding_window_size"])
+    if family(model) == "gemma2":
+        return transformers.Gemma2Config(**common, **newer, final_logit_softcapping=c["final_logit_soft_cap"],
+                                         attn_logit_softcapping=c["attention_logit_soft_cap"])
+    return transformers.Gemma3TextConfig(**common, **newer)
+
+
 LEARNING_RATE, WEIGHT_DECAY = 5e-5, 0.01
 
 
@@ -92,8 +129,9 @@ def keras_gemma(model: str, dtype: str):
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GemmaBackbone(**KERAS_GEMMA[model], dtype=dtype)
-    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    prefix = "Gemma3" if family(model) == "gemma3" else "Gemma"
+    backbone = getattr(keras_hub.models, f"{prefix}Backbone")(**KERAS_GEMMA[model], dtype=dtype)
+    return getattr(keras_hub.models, f"{prefix}CausalLM")(backbone=backbone, preprocessor=None)
 
 
 def lora_gemma(model: str, rank: int, precision: str = "auto", training: bool = True):
@@ -133,15 +171,14 @@ def use_attention(kind: str) -> None:
         gemma_attention.CachedGemmaAttention._use_fused_attention_op = lambda self: False
 
 
-def ours_train(args) -> None:
-    import keras
-
+def ours_train(args, causal_lm=None) -> None:
+    """Training steps at each shape; `causal_lm`: a model with LoRA enabled (default: random weights of args.model)."""
     from lorastudy.finetune import TrainSettings, compile_for_training
     from lorastudy.tokens import training_batches
 
     out = Path(args.out)
     use_attention(args.attention)
-    causal_lm = lora_gemma(args.model, args.rank, args.precision)
+    causal_lm = causal_lm or lora_gemma(args.model, args.rank, args.precision)
     params = causal_lm.backbone.count_params()
     Batches = training_batches()
     # Ascending in tokens per batch, so the process's peak memory after each
@@ -150,7 +187,7 @@ def ours_train(args) -> None:
     for seq, batch in shapes:
         settings = TrainSettings(sequence_length=seq, batch_size=batch, length_bucketing=False,
                                  learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        data = Batches(random_examples([seq] * batch * (args.steps + 3), KERAS_GEMMA[args.model]["vocabulary_size"]), [seq], batch, 0)
+        data = Batches(random_examples([seq] * batch * (args.steps + 3), causal_lm.backbone.vocabulary_size), [seq], batch, 0)
         record = dict(phase="train", framework="ours", model=args.model, precision=args.precision, rank=args.rank,
                       seq=seq, batch=batch, params=params, attention=args.attention,
                       xla_flags=os.environ.get("XLA_FLAGS", ""), gpu=gpu_name())
@@ -186,7 +223,7 @@ def ours_profile(args) -> None:
     seq, batch = map(int, args.shapes[0].split("x"))
     settings = TrainSettings(sequence_length=seq, batch_size=batch, length_bucketing=False,
                              learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    data = training_batches()(random_examples([seq] * batch * 20, KERAS_GEMMA[args.model]["vocabulary_size"]), [seq], batch, 0)
+    data = training_batches()(random_examples([seq] * batch * 20, vocabulary(args.model)), [seq], batch, 0)
     model = compile_for_training(causal_lm, settings, total_steps=len(data))
     model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
     trace_dir = out / f"profile_{args.model}_{seq}x{batch}"
@@ -221,7 +258,7 @@ def ours_generate(args) -> None:
         # End token -1 never occurs: every row generates all its new tokens, as
         # transformers does with min_new_tokens (random weights would stop at random).
         generator = Generator(causal_lm, settings, stop_token_ids=(-1,), pad_token_id=0)
-        prompts = [rng.integers(3, KERAS_GEMMA[args.model]["vocabulary_size"], size=args.prompt_tokens).tolist() for _ in range(batch)]
+        prompts = [rng.integers(3, vocabulary(args.model), size=args.prompt_tokens).tolist() for _ in range(batch)]
         started = time.perf_counter()
         generator(prompts)
         compile_s = time.perf_counter() - started
@@ -252,7 +289,7 @@ def ours_bucketing(args) -> None:
     out = Path(args.out)
     causal_lm = lora_gemma(args.model, args.rank)
     lengths = dolly_like_lengths(args.examples)
-    examples = random_examples(lengths, KERAS_GEMMA[args.model]["vocabulary_size"])
+    examples = random_examples(lengths, vocabulary(args.model))
     Batches = training_batches()
 
     class EpochTimer(keras.callbacks.Callback):
@@ -290,7 +327,7 @@ def ours_eval(args) -> None:
     import numpy as np
 
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(3, KERAS_GEMMA[args.model]["vocabulary_size"], size=int(n)).tolist() for n in np.clip(rng.normal(28, 10, 500), 12, 120)]
+    prompts = [rng.integers(3, vocabulary(args.model), size=int(n)).tolist() for n in np.clip(rng.normal(28, 10, 500), 12, 120)]
     started = time.perf_counter()
     outputs = Generator(causal_lm, settings, stop_token_ids=(1,), pad_token_id=0)(prompts)
     seconds = time.perf_counter() - started
@@ -315,9 +352,8 @@ def peft_model(model: str, rank: int):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.GemmaConfig(**HF_GEMMA[model])
     with torch.device(torch_device()):
-        base = transformers.GemmaForCausalLM(config).to(torch.bfloat16)
+        base = transformers.AutoModelForCausalLM.from_config(hf_config(model)).to(torch.bfloat16)
     lora = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return peft.get_peft_model(base, lora)
 
@@ -339,11 +375,12 @@ def torch_peak(reset: bool = False) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
-def peft_train(args) -> None:
+def peft_train(args, model=None) -> None:
+    """The peer's training steps at each shape; `model`: a PEFT model (default: random weights of args.model)."""
     import torch
 
     out = Path(args.out)
-    model = peft_model(args.model, args.rank)
+    model = model or peft_model(args.model, args.rank)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     model.train()
@@ -352,7 +389,7 @@ def peft_train(args) -> None:
         record = dict(phase="train", framework="peft", model=args.model, precision="bfloat16", rank=args.rank,
                       seq=seq, batch=batch, params=params, gpu=gpu_name())
         torch_peak(reset=True)
-        tokens = torch.randint(3, HF_GEMMA[args.model]["vocab_size"], (batch, seq + 1), device=torch_device())
+        tokens = torch.randint(3, model.config.vocab_size, (batch, seq + 1), device=torch_device())
 
         def step():
             loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
@@ -386,7 +423,7 @@ def peft_generate(args) -> None:
     model = peft_model(args.model, 4).eval()
     for batch in args.batches:
         torch_peak(reset=True)
-        prompts = torch.randint(3, HF_GEMMA[args.model]["vocab_size"], (batch, args.prompt_tokens), device=torch_device())
+        prompts = torch.randint(3, vocabulary(args.model), (batch, args.prompt_tokens), device=torch_device())
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones_like(prompts))
         with torch.no_grad():
@@ -424,6 +461,12 @@ PHASES = {
     "eval500": lambda m, ranks: [["ours-eval", "--model", m]],
     "train_7b": lambda m, ranks: [["ours-train", "--model", "gemma_7b", "--rank", "4", "--shapes", "256x8"]],
     "train_7b_peft": lambda m, ranks: [["peft-train", "--model", "gemma_7b", "--rank", "4", "--shapes", "256x8"]],
+    # Gemma 2 and 3 shapes (issue 16): the study's two training shapes and two generation batches.
+    "newer_train": lambda m, ranks: [
+        [w, "--model", n, "--rank", "4", "--shapes", "256x8", "512x8"] for n in NEWER for w in ("ours-train", "peft-train")
+    ],
+    "gemma3_train": lambda m, ranks: [["ours-train", "--model", n, "--rank", "4", "--shapes", "256x8", "512x8"] for n in NEWER[1:]],
+    "newer_generate": lambda m, ranks: [[w, "--model", n, "--batches", "16", "64"] for n in NEWER for w in ("ours-generate", "peft-generate")],
 }
 
 
@@ -507,7 +550,7 @@ def summarize(args) -> None:
                      f"{100 * row['ours_mfu']:.1f}% | {row['ours_peak_gib']:.1f} | {peft_cell} | "
                      + (f"{row['peft_peak_gib']:.1f} | {row['ratio']:.2f}x |" if row["ratio"] else "- | - |"))
     write_csv(out / "gpu_lora_train.csv", table)
-    lines += ["", "| new tokens at batch | ours new tokens/s | PEFT new tokens/s | ours / PEFT | ours peak GiB |", "|---|---|---|---|---|"]
+    lines += ["", "| model | new tokens at batch | ours new tokens/s | PEFT new tokens/s | ours / PEFT | ours peak GiB |", "|---|---|---|---|---|---|"]
     table = []
     for key, both in sorted(pair(records, "generate", lambda r: (r["model"], r["batch"])).items()):
         ours, peft = both["ours"], both["peft"]
@@ -516,7 +559,7 @@ def summarize(args) -> None:
                    peft_new_tokens_per_s=peft["new_tokens_per_s"], ratio=ours["new_tokens_per_s"] / peft["new_tokens_per_s"],
                    ours_peak_gib=ours["peak_bytes"] / 2**30, peft_peak_gib=peft["peak_bytes"] / 2**30)
         table.append(row)
-        lines.append(f"| {row['new_tokens'] // row['batch']} at {row['batch']} | {row['ours_new_tokens_per_s']:,.0f} | "
+        lines.append(f"| {row['model']} | {row['new_tokens'] // row['batch']} at {row['batch']} | {row['ours_new_tokens_per_s']:,.0f} | "
                      f"{row['peft_new_tokens_per_s']:,.0f} | {row['ratio']:.1f}x | {row['ours_peak_gib']:.1f} |")
     write_csv(out / "gpu_lora_generate.csv", table)
     lines += ["", "| batching | bucket widths | padded tokens | useful tokens/s | vs padded | first epoch s (compiles) |", "|---|---|---|---|---|---|"]

@@ -64,6 +64,21 @@ def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_da
     assert rows[0]["prompt"].startswith("<start_of_turn>user\n") and rows[0]["prompt"].endswith("<start_of_turn>model\n")
 
 
+def test_without_tensorflow_the_generic_text_preprocessor_serves(preset, tiny_data, tmp_path, monkeypatch):
+    """KerasHub's Gemma 3 preprocessor asserts TensorFlow, which GPU machines often lack."""
+    from lorastudy import models
+
+    architecture, _ = preset
+    monkeypatch.setattr(models, "tensorflow_available", lambda: False)
+    path = prepare_model(architecture, {"source": "tiny", "tiny": SHAPES[architecture]}, tmp_path / "preset",
+                         train_path=tiny_data["train"], sequence_length=64)
+    assert json.loads((path / "preprocessor.json").read_text())["registered_name"] == "keras_hub>CausalLMPreprocessor"
+    assert type(load_causal_lm(path).preprocessor).__name__ == "CausalLMPreprocessor"
+    (stats,) = generate(path, tiny_data["test"], [tmp_path / "a.jsonl"], [tmp_path / "a.json"], CHAT_TEMPLATE,
+                        settings={"batch_size": 4, "max_new_tokens": 4, "pad_multiple": 16})
+    assert stats["prompts"] == len(read_jsonl(tiny_data["test"]))
+
+
 def test_chat_answers_stop_at_end_of_turn(preset):
     _, path = preset
     tokenizer = load_for_generation(path).preprocessor.tokenizer

@@ -40,3 +40,8 @@ def test_what_the_block_wrote_comes_out_when_it_raises(capfd):
         pass
     assert capfd.readouterr().err == "the reason it failed\n"
 
+
+
+def test_a_probe_for_tensorflow_does_not_undo_the_quiet_import():
+    code = "import importlib.util, lorastudy\nassert importlib.util.find_spec('tensorflow')\nimport tensorflow\n"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr == ""

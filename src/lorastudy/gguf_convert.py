@@ -182,6 +182,8 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, sequence
     import gguf
     import keras_hub
 
+    from lorastudy.models import causal_lm_preprocessor
+
     reader = gguf.GGUFReader(str(gguf_path))
     config = backbone_config(reader)
     log.info("GGUF %s: %s", Path(gguf_path).name, config)
@@ -198,7 +200,7 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, sequence
         if tuple(variable.shape) != value.shape:
             raise GGUFError(f"{path}: GGUF gives shape {value.shape}, the backbone wants {tuple(variable.shape)}")
         variable.assign(value)
-    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer, sequence_length=sequence_length)
+    preprocessor = causal_lm_preprocessor(keras_hub.models.Gemma3CausalLMPreprocessor, tokenizer, sequence_length)
     keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(dest))
     log.info("saved %d-parameter Gemma 3 preset to %s", backbone.count_params(), dest)
 

@@ -8,6 +8,7 @@ loaded by the same `keras_hub.models.CausalLM.from_preset` call.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -71,12 +72,34 @@ def attention_heads(preset: str | os.PathLike) -> tuple[int, int] | None:
     return config["num_query_heads"], config["num_key_value_heads"]
 
 
+def tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def causal_lm_preprocessor(cls, tokenizer, sequence_length: int):
+    """A `cls` preprocessor, or without TensorFlow KerasHub's generic text one.
+
+    KerasHub's Gemma 3 preprocessor insists on TensorFlow (for its images),
+    which a GPU machine often lacks. This study tokenizes itself and uses the
+    preprocessor only to carry the tokenizer, so the generic one serves.
+    """
+    import keras_hub
+
+    if not tensorflow_available():
+        cls = keras_hub.models.CausalLMPreprocessor
+    return cls(tokenizer, sequence_length=sequence_length)
+
+
 def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
     """Load a prepared preset (or any KerasHub preset) as a CausalLM task."""
     import keras_hub
 
     with filtered_stderr():
-        return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
+        if tensorflow_available():
+            return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
+        # Without TensorFlow, the generic text preprocessor (see causal_lm_preprocessor).
+        preprocessor = keras_hub.models.CausalLMPreprocessor(keras_hub.tokenizers.Tokenizer.from_preset(str(preset)))
+        return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype, preprocessor=preprocessor)
 
 
 # --------------------------------------------------------------------------
@@ -211,7 +234,7 @@ def build_tiny_gemma(
             tokenizer = classes.GemmaTokenizer(proto=proto)
     keras.utils.set_random_seed(seed)
     backbone = getattr(classes, f"{prefix}Backbone")(vocabulary_size=tokenizer.vocabulary_size(), **{**flags, **shape})
-    preprocessor = getattr(classes, f"{prefix}CausalLMPreprocessor")(tokenizer, sequence_length=sequence_length)
+    preprocessor = causal_lm_preprocessor(getattr(classes, f"{prefix}CausalLMPreprocessor"), tokenizer, sequence_length)
     getattr(classes, f"{prefix}CausalLM")(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(dest))
     log.info("tiny %s: %d parameters, vocabulary %d", type(backbone).__name__, backbone.count_params(), tokenizer.vocabulary_size())
 
