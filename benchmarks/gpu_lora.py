@@ -346,16 +346,31 @@ def torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def peft_model(model: str, rank: int):
+# The PyTorch routes a speed-minded user picks (issue 18): eager PEFT; one line
+# of torch.compile; Liger's Triton kernels (RoPE, RMSNorm, GeGLU, fused linear
+# cross-entropy); both. For generation: eager, or transformers' static KV
+# cache with the forward pass compiled, as its documentation recommends.
+PEERS = {"train": ["eager", "compile", "liger", "liger+compile"], "generate": ["eager", "static+compile"]}
+
+
+def peft_model(model: str, rank: int, peer: str = "eager"):
     import peft
     import torch
     import transformers
 
+    if "liger" in peer:
+        from liger_kernel import transformers as liger
+
+        getattr(liger, f"apply_liger_kernel_to_{family(model)}")()
     torch.manual_seed(0)
     with torch.device(torch_device()):
         base = transformers.AutoModelForCausalLM.from_config(hf_config(model)).to(torch.bfloat16)
     lora = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return peft.get_peft_model(base, lora)
+
+
+def framework(peer: str) -> str:
+    return "peft" if peer == "eager" else f"peft+{peer}"
 
 
 def torch_sync() -> None:
@@ -380,19 +395,21 @@ def peft_train(args, model=None) -> None:
     import torch
 
     out = Path(args.out)
-    model = model or peft_model(args.model, args.rank)
+    peer = getattr(args, "peer", "eager")
+    model = model or peft_model(args.model, args.rank, peer)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     model.train()
+    forward = torch.compile(model) if "compile" in peer else model
     shapes = sorted((tuple(map(int, s.split("x"))) for s in args.shapes), key=lambda s: s[0] * s[1])
     for seq, batch in shapes:
-        record = dict(phase="train", framework="peft", model=args.model, precision="bfloat16", rank=args.rank,
+        record = dict(phase="train", framework=framework(peer), model=args.model, precision="bfloat16", rank=args.rank,
                       seq=seq, batch=batch, params=params, gpu=gpu_name())
         torch_peak(reset=True)
         tokens = torch.randint(3, model.config.vocab_size, (batch, seq + 1), device=torch_device())
 
         def step():
-            loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            loss = forward(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -426,6 +443,11 @@ def peft_generate(args) -> None:
         prompts = torch.randint(3, vocabulary(args.model), (batch, args.prompt_tokens), device=torch_device())
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones_like(prompts))
+        if args.peer == "static+compile":
+            # With a static cache, transformers compiles the decoding step itself (its
+            # generation_config.compile_config); compiling forward by hand with CUDA
+            # graphs broke on the second call here (outputs overwritten).
+            kwargs["cache_implementation"] = "static"
         with torch.no_grad():
             started = time.perf_counter()
             model.generate(input_ids=prompts, **kwargs)
@@ -436,7 +458,7 @@ def peft_generate(args) -> None:
             torch_sync()
             seconds = time.perf_counter() - started
         new = (output.shape[1] - args.prompt_tokens) * batch
-        emit(out, phase="generate", framework="peft", model=args.model, batch=batch, prompt_tokens=args.prompt_tokens,
+        emit(out, phase="generate", framework=framework(args.peer), model=args.model, batch=batch, prompt_tokens=args.prompt_tokens,
              new_tokens=new, seconds=seconds, compile_s=warmup_s, new_tokens_per_s=new / seconds,
              peak_bytes=torch_peak(), gpu=gpu_name())
 
@@ -464,6 +486,15 @@ PHASES = {
     # Gemma 2 and 3 shapes (issue 16): the study's two training shapes and two generation batches.
     "newer_train": lambda m, ranks: [
         [w, "--model", n, "--rank", "4", "--shapes", "256x8", "512x8"] for n in NEWER for w in ("ours-train", "peft-train")
+    ],
+    # The strongest PyTorch routes (issue 18), against ours at the same shapes.
+    "peers_train": lambda m, ranks: [
+        ["ours-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8"],
+        *[["peft-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8", "--peer", p] for p in PEERS["train"]],
+    ],
+    "peers_generate": lambda m, ranks: [
+        ["ours-generate", "--model", m, "--batches", "16", "64"],
+        *[["peft-generate", "--model", m, "--batches", "16", "64", "--peer", p] for p in PEERS["generate"]],
     ],
     "gemma3_train": lambda m, ranks: [["ours-train", "--model", n, "--rank", "4", "--shapes", "256x8", "512x8"] for n in NEWER[1:]],
     "newer_generate": lambda m, ranks: [[w, "--model", n, "--batches", "16", "64"] for n in NEWER for w in ("ours-generate", "peft-generate")],
@@ -577,8 +608,47 @@ def summarize(args) -> None:
                       "| kernels | ms per step | share |", "|---|---|---|"]
             for group, ms in kernel_groups(r["top_kernels"]).items():
                 lines.append(f"| {group} | {ms:.1f} | {100 * ms / r['gpu_busy_ms_per_step']:.0f}% |")
+    lines += peer_lines(records, out)
     (out / "gpu_lora.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def peer_lines(records, out: Path) -> list[str]:
+    """Ours against every PyTorch route measured in the same run, and the ratio to the strongest (issue 18)."""
+    groups: dict[tuple, dict] = {}
+    for r in records:
+        if r["phase"] in ("train", "generate") and r.get("fits", True) and not r.get("xla_flags") and r.get("attention", "cudnn") == "cudnn":
+            shape = f"{r['seq']} x {r['batch']}" if r["phase"] == "train" else f"batch {r['batch']}"
+            groups.setdefault((r["run"], r["phase"], r["model"], shape), {})[r["framework"]] = r
+    table = []
+    for (run, phase, model, shape), by in sorted(groups.items()):
+        peers = {f: r for f, r in by.items() if f.startswith("peft+")}
+        if "ours" not in by or not peers:
+            continue
+        key = "tokens_per_s" if phase == "train" else "new_tokens_per_s"
+        peers["peft"] = by.get("peft", {key: 0})
+        strongest = max(peers, key=lambda f: peers[f][key])
+        table.append(dict(run=run, phase=phase, model=model, shape=shape, ours=by["ours"][key],
+                          **{f: peers[f][key] for f in sorted(peers)}, strongest=strongest,
+                          strongest_compile_s=peers[strongest].get("compile_s"),
+                          ratio=by["ours"][key] / peers[strongest][key]))
+    if not table:
+        return []
+    write_csv(out / "gpu_lora_peers.csv", table)
+    lines = []
+    for phase in ("train", "generate"):
+        rows = [row for row in table if row["phase"] == phase]
+        names = sorted({k for row in rows for k in row if k.startswith("peft")}, key=len)
+        if not rows:
+            continue
+        unit = "tokens/s" if phase == "train" else "new tokens/s"
+        lines += ["", f"| {phase} {unit} | shape | ours | " + " | ".join(names) + " | ours / strongest |",
+                  "|---|---|---|" + "---|" * len(names) + "---|"]
+        for row in rows:
+            lines.append(f"| {row['model']} | {row['shape']} | {row['ours']:,.0f} | "
+                         + " | ".join(f"{row[n]:,.0f}" if row.get(n) else "-" for n in names)
+                         + f" | {row['ratio']:.2f}x ({row['strongest']}) |")
+    return lines
 
 
 def kernel_groups(kernels: list[dict]) -> dict[str, float]:
@@ -601,8 +671,9 @@ def kernel_groups(kernels: list[dict]) -> dict[str, float]:
 def write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
+    fields = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -626,6 +697,7 @@ def main() -> None:
         w.add_argument("--precision", default="auto")
         w.add_argument("--attention", default="cudnn", choices=["cudnn", "xla"])
         w.add_argument("--xla-flags", default="", help="set as XLA_FLAGS before JAX starts")
+        w.add_argument("--peer", default="eager", choices=PEERS["train"], help="the PyTorch route (peft-train)")
         w.add_argument("--out", required=True)
     for name, fn in [("ours-generate", ours_generate), ("peft-generate", peft_generate)]:
         w = sub.add_parser(name)
@@ -634,6 +706,7 @@ def main() -> None:
         w.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
         w.add_argument("--prompt-tokens", type=int, default=64)
         w.add_argument("--new-tokens", type=int, default=128)
+        w.add_argument("--peer", default="eager", choices=PEERS["generate"], help="the PyTorch route (peft-generate)")
         w.add_argument("--out", required=True)
     w = sub.add_parser("ours-bucketing")
     w.set_defaults(fn=ours_bucketing)
