@@ -17,13 +17,14 @@ import sys
 
 import numpy as np
 import pytest
+from test_export import random_adapter
 
 from lorastudy.export import peft_adapter
 from lorastudy.finetune import finetune
 from lorastudy.generate import generate, load_for_generation, stop_token_ids
 from lorastudy.io import read_jsonl
-from lorastudy.lora import TARGETS, LoraSpec, enable_lora, lora_layers, read_spec, save_adapter
-from lorastudy.models import load_causal_lm, preset_architecture, prepare_model
+from lorastudy.lora import TARGETS, lora_layers, read_spec
+from lorastudy.models import load_causal_lm, prepare_model, preset_architecture
 from lorastudy.prompts import CHAT_TEMPLATE, PromptTemplate
 
 SHAPES = {"gemma2": {"architecture": "gemma2"}, "gemma3": {"architecture": "gemma3", "num_layers": 6}}
@@ -136,13 +137,8 @@ def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
     architecture, path = preset
     keras_preset, hf_dir = twins(path, architecture, tmp_path)
     lm = load_causal_lm(keras_preset)
-    spec = LoraSpec(4, TARGETS, alpha=8.0)
-    rng = np.random.default_rng(0)
-    for layer in enable_lora(lm.backbone, spec):
-        layer.lora_kernel_a.assign(rng.normal(0, 0.05, layer.lora_kernel_a.shape))
-        layer.lora_kernel_b.assign(rng.normal(0, 0.05, layer.lora_kernel_b.shape))
+    random_adapter(lm.backbone, tmp_path / "adapter.lora.h5")
     assert len(lora_layers(lm.backbone)) == len(TARGETS) * lm.backbone.num_layers
-    save_adapter(lm.backbone, spec, tmp_path / "adapter.lora.h5")
     expected = _logits(lm)
     peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft", base_model_name_or_path=str(hf_dir))
 

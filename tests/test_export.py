@@ -19,17 +19,21 @@ def _logits(causal_lm, tokens=TOKENS):
     return np.asarray(causal_lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}))
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_preset):
-    """LoRA on every projection, alpha 8 at rank 4 (scale 2), with random non-zero factors."""
-    lm = load_causal_lm(tiny_preset)
+def random_adapter(backbone, path) -> None:
+    """LoRA on every projection, alpha 8 at rank 4 (scale 2), with random non-zero factors, saved to `path`."""
     spec = LoraSpec(4, TARGETS, alpha=8.0)
     rng = np.random.default_rng(0)
-    for layer in enable_lora(lm.backbone, spec):
+    for layer in enable_lora(backbone, spec):
         layer.lora_kernel_a.assign(rng.normal(0, 0.05, layer.lora_kernel_a.shape))
         layer.lora_kernel_b.assign(rng.normal(0, 0.05, layer.lora_kernel_b.shape))
+    save_adapter(backbone, spec, path)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_preset):
+    lm = load_causal_lm(tiny_preset)
     path = tmp_path_factory.mktemp("adapter") / "adapter_epoch1.lora.h5"
-    save_adapter(lm.backbone, spec, path)
+    random_adapter(lm.backbone, path)
     return path, _logits(lm)
 
 
