@@ -33,7 +33,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_lora import REPO, emit, gpu_name, jax_peak, ours_train, peft_train, software, torch_device, torch_peak, torch_sync, write_csv
+from gpu_lora import (
+    REPO,
+    emit,
+    gpu_name,
+    jax_peak,
+    ours_train,
+    peft_train,
+    software,
+    timed_twice,
+    torch_device,
+    torch_peak,
+    torch_sync,
+    write_csv,
+)
 
 sys.path.insert(0, str(REPO / "tests"))
 from test_gguf_convert import PARAGRAPH  # noqa: E402
@@ -113,12 +126,7 @@ def _ours(args, preset: Path) -> None:
     for batch in args.batches:
         generator = Generator(lm, GenerateSettings(batch_size=batch, max_new_tokens=NEW_TOKENS), stop_token_ids=(1,), pad_token_id=0)
         prompts = batches_of(ids, batch)
-        started = time.perf_counter()
-        generator(prompts)
-        compile_s = time.perf_counter() - started
-        started = time.perf_counter()
-        outputs = generator(prompts)
-        seconds = time.perf_counter() - started
+        outputs, compile_s, seconds = timed_twice(generator, prompts)
         new = sum(len(o["new_ids"]) for o in outputs)
         emit(out, phase="answer", framework="ours", model="gemma3_270m_real", batch=batch, prompts=len(prompts), new_tokens=new,
              stopped=sum(o["stopped"] for o in outputs), seconds=seconds, compile_s=compile_s, new_tokens_per_s=new / seconds,

@@ -62,24 +62,29 @@ def test_merged_preset_loads_with_plain_from_preset_and_gives_the_same_logits(ti
     np.testing.assert_allclose(_logits(merged), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_peft_adapter_on_transformers_gemma_gives_the_same_logits(tiny_preset, adapter, tmp_path):
+def transformers_logits(hf_dir, peft_dir, tokens):
+    """transformers' model of `hf_dir`: its class name, its logits, and its logits with the PEFT adapter of `peft_dir`."""
     import peft
     import torch
     import transformers
 
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    name = type(base).__name__
+    with torch.no_grad():
+        plain = base(torch.tensor(tokens)).logits.numpy()
+        tuned = peft.PeftModel.from_pretrained(base, peft_dir)
+        return name, plain, tuned(torch.tensor(tokens)).logits.numpy()
+
+
+def test_peft_adapter_on_transformers_gemma_gives_the_same_logits(tiny_preset, adapter, tmp_path):
     path, expected = adapter
     # The same random base weights in both frameworks, by KerasHub's own converter.
     load_causal_lm(tiny_preset).backbone.export_to_transformers(str(tmp_path / "hf_base"))
     config = peft_adapter(tiny_preset, path, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf_base"))
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert config["rank_pattern"]["q_proj"] == 2 * 4 and config["rank_pattern"]["o_proj"] == 4
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base", dtype=torch.float32)
-    with torch.no_grad():
-        plain = base(torch.tensor(TOKENS)).logits.numpy()
+    _, plain, actual = transformers_logits(tmp_path / "hf_base", tmp_path / "peft", TOKENS)
     np.testing.assert_allclose(plain, _logits(load_causal_lm(tiny_preset)), rtol=1e-4, atol=1e-4)
-    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
-    with torch.no_grad():
-        actual = tuned(torch.tensor(TOKENS)).logits.numpy()
     assert np.abs(actual - plain).max() > 1e-2  # the adapter does something
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) == config

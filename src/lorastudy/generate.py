@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
+from lorastudy.distribution import distributed, shard_batch
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import AdapterError, load_adapter, read_spec
-from lorastudy.distribution import distributed, shard_batch
 from lorastudy.models import attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
@@ -128,7 +128,7 @@ class Generator:
         return cls(causal_lm, settings, stop_token_ids(tokenizer, template), tokenizer.pad_token_id)
 
     def __call__(self, prompt_ids: Sequence[list[int]], seed: int | None = None) -> list[dict[str, Any]]:
-        """Generate for every prompt; returns, in input order, new token ids and whether <eos> ended them.
+        """Generate for every prompt; returns, in input order, new token ids and whether a stop token ended them.
 
         `seed` restarts a seeded sampler as `keras.random.SeedGenerator(seed)`
         starts (state [seed, 0]), so each seed reuses the compiled program and
@@ -172,13 +172,13 @@ def stop_token_ids(tokenizer, template: PromptTemplate) -> tuple[int, ...]:
     """`<eos>`, and the token that closes a response in the template's format (chat: `<end_of_turn>`)."""
     if not template.end:
         return (tokenizer.end_token_id,)
-    (end, *rest) = token_lists(tokenizer, [template.end])[0] or [None]
-    if end is None or rest:
+    end = token_lists(tokenizer, [template.end])[0]
+    if len(end) != 1:
         raise ValueError(
             f"prompt.template: the text after {{response}}, {template.end!r}, must be one token of the "
             "model's tokenizer (as Gemma's <end_of_turn> is), so that generation stops at it"
         )
-    return (tokenizer.end_token_id, end)
+    return (tokenizer.end_token_id, end[0])
 
 
 def prompt_token_ids(tokenizer, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:

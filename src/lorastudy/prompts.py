@@ -58,20 +58,24 @@ class PromptTemplate:
                 f"prompt.template must use exactly the fields {{instruction}} and {{response}} "
                 f"once each; it uses {fields}"
             )
-        if "{instruction}" in self.template.split("{response}", 1)[1]:
+        if "{instruction}" in self._parts()[1]:
             raise ValueError(
                 "prompt.template must put {instruction} before {response}: the text before "
                 "{response} is the prompt that generation continues"
             )
 
+    def _parts(self) -> tuple[str, str]:
+        before, after = self.template.split("{response}", 1)
+        return before, after
+
     @property
     def end(self) -> str:
         """The text that closes a response ('' when the template ends with {response})."""
-        return self.template.split("{response}", 1)[1].format()
+        return self._parts()[1].format()
 
     def prompt(self, instruction: str) -> str:
         """The text up to where the response begins."""
-        return self.template.split("{response}", 1)[0].format(instruction=instruction)
+        return self._parts()[0].format(instruction=instruction)
 
     def text(self, instruction: str, response: str) -> str:
         """The whole training text: prompt, response and the text that closes it."""
