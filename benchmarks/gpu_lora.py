@@ -523,17 +523,22 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip() if gpu_name() != "unknown" else ""
     emit(out, phase="environment", gpu=gpu_name(), driver=driver, python=sys.version.split()[0], software=software(), phases=args.phases)
-    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "PYTHONUNBUFFERED": "1"}
     for phase in args.phases:
         for worker in PHASES[phase](args.model, args.ranks):
-            command = [sys.executable, __file__, *worker, "--out", str(out), *(["--steps", str(args.steps)] if "train" in worker[0] else [])]
-            print("+", " ".join(command[1:]), flush=True)
-            started = time.perf_counter()
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            (out / "workers.log").open("a").write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
-            print(f"  exit {done.returncode} after {time.perf_counter() - started:.0f} s", flush=True)
-            if done.returncode:
-                print(done.stderr[-2000:], flush=True)
+            run_worker([__file__, *worker, "--out", str(out), *(["--steps", str(args.steps)] if "train" in worker[0] else [])], out)
+
+
+def run_worker(arguments: list[str], out: Path) -> None:
+    """One measurement in a Python process of its own (its own GPU memory and peak); its output goes to out/workers.log."""
+    command = [sys.executable, *arguments]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "PYTHONUNBUFFERED": "1"}
+    print("+", " ".join(command[1:]), flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    (out / "workers.log").open("a").write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
+    print(f"  exit {done.returncode} after {time.perf_counter() - started:.0f} s", flush=True)
+    if done.returncode:
+        print(done.stderr[-3000:], flush=True)
 
 
 def load(paths: list[str]) -> list[dict]:

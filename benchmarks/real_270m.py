@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from gpu_lora import (
     jax_peak,
     ours_train,
     peft_train,
+    run_worker,
     software,
     timed_twice,
     torch_device,
@@ -190,16 +189,9 @@ def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     emit(out, phase="environment", gpu=gpu_name(), python=sys.version.split()[0], software=software())
-    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "PYTHONUNBUFFERED": "1"}
     for worker in ("ours", "peft"):
-        command = [sys.executable, __file__, worker, "--out", str(out), "--steps", str(args.steps),
-                   "--shapes", *args.shapes, "--batches", *map(str, args.batches), "--keep-preset", args.keep_preset]
-        started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        (out / "workers.log").open("a").write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
-        print(f"{worker}: exit {done.returncode} after {time.perf_counter() - started:.0f} s", flush=True)
-        if done.returncode:
-            print(done.stderr[-3000:], flush=True)
+        run_worker([__file__, worker, "--out", str(out), "--steps", str(args.steps), "--shapes", *args.shapes,
+                    "--batches", *map(str, args.batches), "--keep-preset", args.keep_preset], out)
 
 
 def summarize(args) -> None:
