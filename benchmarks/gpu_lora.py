@@ -56,7 +56,7 @@ KERAS_GEMMA = {
     "gemma3_4b": dict(vocabulary_size=262144, num_layers=34, num_query_heads=8, num_key_value_heads=4,
                       hidden_dim=2560, intermediate_dim=10240, head_dim=256, sliding_window_size=1024, **GEMMA3),
     # For a dry run of this script on a CPU.
-    "gemma_tiny": dict(vocabulary_size=1000, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+    "gemma_tiny": dict(vocabulary_size=2048, num_layers=2, num_query_heads=2, num_key_value_heads=1,
                        hidden_dim=64, intermediate_dim=128, head_dim=32),
     "gemma3_tiny": dict(vocabulary_size=1000, num_layers=6, num_query_heads=2, num_key_value_heads=1,
                         hidden_dim=64, intermediate_dim=128, head_dim=32, sliding_window_size=16, **GEMMA3),

@@ -1,0 +1,326 @@
+"""A finetune job end to end, process start to saved adapter: ours against TRL's SFTTrainer (issue 18, item 2).
+
+    python benchmarks/finetune_job.py prepare --work W [--model gemma_2b]
+    python benchmarks/finetune_job.py run --work W --out DIR --jobs ours ours trl:padding_free trl:packing+compile ...
+    python benchmarks/finetune_job.py summarize --results DIR/results.jsonl ... --out benchmarks/results
+
+`prepare` writes, under W, what both sides start from: the made-up
+full-size Dolly file (tests/dolly_like.py, Dolly's length profile), the
+study's own filter and split into a 1k training subset and the 200-record
+validation split; a SentencePiece tokenizer trained on those records; and
+one random-weight model of KerasHub's shape of `--model` (vocabulary 256k,
+bfloat16 like the Kaggle presets) twice, as a KerasHub preset (ours) and as
+a transformers checkpoint with the same tokenizer (the peer's).
+
+`run` times each job as a process of its own, from its start to its exit
+after the last adapter is saved: loading, tokenizing, compiling, training
+two epochs and validating after each, as the study's settings for the 2B
+model say (sequence 256, batch 4, lr 5e-5, LoRA rank 4). `ours` is the
+finetune stage itself (`lorastudy.finetune.finetune`, its length buckets and
+the JAX compilation cache in W/jax_cache: the first `ours` of a run finds it
+empty, a second one warm, as every later job of a study's grid does).
+`trl:ROUTE` is TRL's SFTTrainer with PEFT LoRA on q_proj and v_proj in
+bfloat16, the prompt-completion dataset (loss on the completion only), and
+one of its batchings: `padded` (to the longest in the batch), `padding_free`
+(the batch's records flattened into one row, attention kept to each record
+through position ids), `packing` (best-fit-decreasing bins of 256 tokens,
+padding-free: four bins per step hold more records than four records do);
+`+compile` adds `torch_compile=True`.
+Useful tokens are the records' own tokens (no padding) times epochs.
+
+`load` times the part of a job that dominated ours: loading the preset.
+KerasHub's own `CausalLM.from_preset` against the study's `load_causal_lm`
+(the same, minus the random draws that the file overwrites), alternating,
+each load in a fresh process, in the dtype a job of this machine uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from gpu_lora import KERAS_GEMMA, emit, gpu_name, hf_config, software, write_csv  # noqa: E402
+from lorastudy.prompts import DEFAULT_TEMPLATE as TEMPLATE  # noqa: E402
+
+# The paper's settings for Gemma 2B (config/paper.yaml) and a tokenizer
+# whose pieces make records about as long as Gemma's tokenizer makes them.
+SEQUENCE_LENGTH, BATCH_SIZE, LEARNING_RATE, RANK, EPOCHS = 256, 4, 5e-5, 4, 2
+TOKENIZER_PIECES = 16000
+
+
+def paths(work: Path) -> dict[str, Path]:
+    return {name: work / name for name in
+            ("dolly.jsonl", "filtered.jsonl", "train_1k.jsonl", "val.jsonl", "test.jsonl", "preset", "hf_model", "jax_cache")}
+
+
+def prepare(args) -> None:
+    import keras
+    import keras_hub
+
+    import lorastudy  # noqa: F401 - JAX as Keras's backend, a quiet start
+    from dolly_like import make_dolly_full_size
+    from lorastudy.data import filter_context, split_dolly
+    from lorastudy.io import read_jsonl
+    from lorastudy.models import train_gemma_tokenizer
+
+    work = Path(args.work)
+    p = paths(work)
+    work.mkdir(parents=True, exist_ok=True)
+    make_dolly_full_size(p["dolly.jsonl"])
+    filter_context(p["dolly.jsonl"], p["filtered.jsonl"])
+    split_dolly(p["filtered.jsonl"], p["test.jsonl"], p["val.jsonl"], {"1k": p["train_1k.jsonl"]},
+                work / "split_counts.csv", work / "duplicates.csv", {"1k": 1000}, seed=2024)
+    texts = [t for r in read_jsonl(p["filtered.jsonl"]) for t in (r["instruction"], r["response"])]
+    proto = train_gemma_tokenizer(texts, TOKENIZER_PIECES)
+    shape = KERAS_GEMMA[args.model]
+    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+    if tokenizer.vocabulary_size() > shape["vocabulary_size"]:
+        raise ValueError(f"--model {args.model}: its vocabulary ({shape['vocabulary_size']}) is smaller than the tokenizer's ({tokenizer.vocabulary_size()})")
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GemmaBackbone(**shape, dtype="bfloat16")
+    preprocessor = keras_hub.models.CausalLMPreprocessor(tokenizer, sequence_length=SEQUENCE_LENGTH)
+    keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(p["preset"]))
+    del backbone
+    save_peer_model(args.model, proto, p["hf_model"])
+
+
+def save_peer_model(model: str, proto: bytes, dest: Path) -> None:
+    """The peer's checkpoint: transformers' Gemma of the same shape in bfloat16, and the same tokenizer."""
+    import torch
+    import transformers
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "tokenizer.model").write_bytes(proto)
+    tokenizer = transformers.GemmaTokenizer.from_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(hf_config(model), dtype=torch.bfloat16).save_pretrained(str(dest))
+
+
+# --------------------------------------------------------------------------
+# the jobs, each in a process of its own
+# --------------------------------------------------------------------------
+
+
+def ours_job(args) -> dict:
+    import lorastudy  # noqa: F401
+    from lorastudy.finetune import finetune
+
+    p, out = paths(Path(args.work)), Path(args.run_dir)
+    stats = finetune(
+        p["preset"], p["train_1k.jsonl"], p["val.jsonl"], [out / f"adapter_epoch{e}.lora.h5" for e in range(1, EPOCHS + 1)],
+        out / "history.csv", out / "train.json", rank=RANK, template=TEMPLATE,
+        settings=dict(sequence_length=SEQUENCE_LENGTH, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
+                      expected_tokens_per_second=40000, compile_seconds_per_width=15),
+        compilation_cache={"dir": str(p["jax_cache"])},
+    )
+    return dict(useful_tokens=stats["tokens_seen"], steps=stats["steps"], load_s=stats["load_seconds_this_run"],
+                compile_s=stats.get("train_compile_seconds"), steady_tokens_per_s=stats["steady_tokens_per_second"],
+                peak_bytes=stats["peak_device_memory_bytes"], batch_widths=stats["batch_widths"])
+
+
+def trl_job(args) -> dict:
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from lorastudy.io import read_jsonl
+    from lorastudy.prompts import PromptTemplate
+
+    p, out = paths(Path(args.work)), Path(args.run_dir)
+    route, _, extra = args.route.partition("+")
+    started = time.perf_counter()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(p["hf_model"]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(p["hf_model"]), dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    template = PromptTemplate(TEMPLATE)
+
+    def dataset(path: Path):
+        # Prompt-completion records: TRL trains on the completion only, as the study does.
+        return datasets.Dataset.from_list([{"prompt": template.prompt(r["instruction"]), "completion": r["response"]} for r in read_jsonl(path)])
+
+    config = trl.SFTConfig(
+        output_dir=str(out), num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH_SIZE, per_device_eval_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE, weight_decay=0.01, lr_scheduler_type="constant", bf16=torch.cuda.is_available(),
+        max_length=SEQUENCE_LENGTH, padding_free=route == "padding_free", packing=route == "packing",
+        torch_compile=extra == "compile", eval_strategy="epoch", save_strategy="epoch", save_only_model=True,
+        logging_steps=10, report_to="none", dataloader_num_workers=0, seed=0,
+    )
+    if route == "padding_free":
+        config.max_length = None  # TRL asks for it: records are cut to the sequence length below
+    lora = peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    train, val = dataset(p["train_1k.jsonl"]), dataset(p["val.jsonl"])
+    if route == "padding_free":
+        train, val = (truncated(tokenizer, d) for d in (train, val))
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=val, processing_class=tokenizer, peft_config=lora)
+    load_s = time.perf_counter() - started
+    result = trainer.train()
+    useful = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) if route != "packing" else sum(
+        int(sum(lengths)) for lengths in trainer.train_dataset["seq_lengths"])
+    return dict(useful_tokens=useful * EPOCHS, steps=result.global_step, load_s=load_s, final_loss=result.training_loss,
+                peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
+
+
+def truncated(tokenizer, data):
+    """Records tokenized as TRL would and cut to the sequence length (padding-free does not cut them)."""
+
+    def cut(record):
+        prompt = tokenizer(record["prompt"])["input_ids"]
+        ids = tokenizer(record["prompt"] + record["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids[:SEQUENCE_LENGTH], "completion_mask": ([0] * len(prompt) + [1] * (len(ids) - len(prompt)))[:SEQUENCE_LENGTH]}
+
+    return data.map(cut, remove_columns=data.column_names)
+
+
+def job(args) -> None:
+    """One job, in this process: the driver times it from outside; this adds what only the job knows."""
+    started = time.perf_counter()
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    detail = ours_job(args) if args.route == "ours" else trl_job(args)
+    detail["inside_s"] = time.perf_counter() - started
+    Path(args.run_dir, "job.json").write_text(json.dumps(detail))
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit(out, phase="environment", gpu=gpu_name(), python=sys.version.split()[0], software={**software(), **trl_version()}, jobs=args.jobs)
+    for i, route in enumerate(args.jobs):
+        run_dir = Path(args.work) / "runs" / f"{i}_{route.replace(':', '_').replace('+', '_')}"
+        command = [sys.executable, __file__, "job", "--work", args.work, "--route", route.removeprefix("trl:"), "--run-dir", str(run_dir)]
+        env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        print("+", route, flush=True)
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall_s = time.perf_counter() - started
+        (out / "jobs.log").open("a").write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
+        adapters = sorted(str(a.relative_to(run_dir)) for a in run_dir.rglob("*") if a.name in ("adapter_model.safetensors", ) or a.suffix == ".h5")
+        record = dict(phase="job", framework="ours" if route == "ours" else f"trl {route.removeprefix('trl:')}", model=args.model,
+                      exit=done.returncode, wall_s=wall_s, adapters=adapters, gpu=gpu_name())
+        if done.returncode:
+            print(done.stderr[-3000:], flush=True)
+            emit(out, **record)
+            continue
+        detail = json.loads((run_dir / "job.json").read_text())
+        emit(out, **record, **detail, useful_tokens_per_s=detail["useful_tokens"] / wall_s)
+
+
+def load_one(args) -> None:
+    """One load in this process; prints its seconds."""
+    import lorastudy  # noqa: F401
+    from lorastudy.models import dtype_policies, load_causal_lm
+
+    dtype = dtype_policies("auto", training=True)[0]
+    started = time.perf_counter()
+    if args.loader == "ours":
+        load_causal_lm(args.preset, dtype=dtype)
+    else:
+        import keras_hub
+
+        keras_hub.models.CausalLM.from_preset(args.preset, dtype=dtype)
+    print(json.dumps({"load_s": time.perf_counter() - started, "dtype": dtype}))
+
+
+def load(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit(out, phase="environment", gpu=gpu_name(), python=sys.version.split()[0], software=software())
+    for repeat in range(args.repeats):
+        for loader in ("kerashub", "ours"):
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, __file__, "load-one", "--preset", args.preset, "--loader", loader],
+                                  capture_output=True, text=True, check=True)
+            emit(out, phase="load", loader=loader, preset=args.preset, repeat=repeat, process_s=time.perf_counter() - started,
+                 **json.loads(done.stdout.strip().splitlines()[-1]), gpu=gpu_name())
+
+
+def trl_version() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"trl": version("trl"), "datasets": version("datasets")}
+    except PackageNotFoundError:
+        return {"trl": "absent"}
+
+
+def summarize(args) -> None:
+    """benchmarks/results/finetune_job.{csv,json,md}: each job against ours with an empty and a warm compilation cache, same run."""
+    records, environments = [], {}
+    for path in args.results:
+        for line in open(path):
+            r = {**json.loads(line), "run": Path(path).stem}
+            if r["phase"] == "environment":
+                environments[r["run"]] = r
+            else:
+                records.append(r)
+    rows = [r for r in records if r["phase"] == "job" and r["exit"] == 0]
+    lines = ["| job | wall s | load s | optimizer steps | useful tokens/s | ours, empty cache: speed-up | ours, warm cache: speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    table = []
+    for r in rows:
+        ours = [o for o in rows if o["run"] == r["run"] and o["framework"] == "ours"]
+        # A run's first ours finds the compilation cache empty, its last finds it warm.
+        cold, warm = ours[0]["wall_s"], ours[-1]["wall_s"]
+        if r["framework"] == "ours":
+            r = {**r, "framework": "ours, empty cache" if r is ours[0] else "ours, warm cache"}
+        table.append({k: v for k, v in r.items() if k not in ("adapters", "batch_widths")}
+                     | {"ours_cold_speedup": r["wall_s"] / cold, "ours_warm_speedup": r["wall_s"] / warm})
+        lines.append(f"| {r['framework']} | {r['wall_s']:.1f} | {r['load_s']:.1f} | {r['steps']} | {r['useful_tokens_per_s']:,.0f} | "
+                     f"{r['wall_s'] / cold:.2f}x | {r['wall_s'] / warm:.2f}x |")
+    lines += ["", "| preset loaded (run) | device | KerasHub from_preset s | load_causal_lm s | speed-up |", "|---|---|---|---|---|"]
+    loads = [r for r in records if r["phase"] == "load"]
+    for run in dict.fromkeys(r["run"] for r in loads):
+        seconds = {k: statistics.median(r["load_s"] for r in loads if r["run"] == run and r["loader"] == k) for k in ("kerashub", "ours")}
+        device = next(r["gpu"] for r in loads if r["run"] == run)
+        lines.append(f"| {run} | {'CPU' if device == 'unknown' else device} | {seconds['kerashub']:.1f} | {seconds['ours']:.1f} | "
+                     f"{seconds['kerashub'] / seconds['ours']:.2f}x |")
+    out = Path(args.out)
+    write_csv(out / "finetune_job.csv", table)
+    (out / "finetune_job.json").write_text(json.dumps({"environments": environments, "records": records}, indent=1) + "\n")
+    (out / "finetune_job.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--work", required=True)
+    p.add_argument("--model", default="gemma_2b", choices=list(KERAS_GEMMA))
+    p = sub.add_parser("run")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="gemma_2b")
+    p.add_argument("--jobs", nargs="+", required=True, help="ours, or trl:ROUTE[+compile] with ROUTE padded, padding_free or packing")
+    p = sub.add_parser("job")
+    p.add_argument("--work", required=True)
+    p.add_argument("--route", required=True)
+    p.add_argument("--run-dir", required=True)
+    p = sub.add_parser("load")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("load-one")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--loader", choices=["kerashub", "ours"], required=True)
+    p = sub.add_parser("summarize")
+    p.add_argument("--results", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args()
+    {"prepare": prepare, "run": run, "job": job, "load": load, "load-one": load_one, "summarize": summarize}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

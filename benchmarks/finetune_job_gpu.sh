@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 18's job-level comparison on the lent GPU machine (benchmarks/finetune_job.py).
+# The whole sequence runs longer than one device call, so `start` launches it
+# in a session of its own and `wait` follows it over later calls (/tmp stays
+# while the machine is warm). Wheels of what the image lacks: .whl/ (the study's)
+# and .whl18/ (trl).
+#   bash benchmarks/finetune_job_gpu.sh start|wait
+set -euo pipefail
+out=${OUT:-/tmp/finetune_job_out}
+results=/tmp/finetune_job_results
+work=/tmp/finetune_job
+mkdir -p "$out" "$results"
+case $1 in
+  start) setsid nohup bash "$0" sequence > /tmp/finetune_job.out 2>&1 < /dev/null & sleep 20 ;;
+  sequence)
+    export PYTHONUNBUFFERED=1
+    site=/tmp/site
+    [ -d $site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl .whl18/trl-*.whl
+    export PYTHONPATH=$site:$PWD/src
+    [ -f $work/preset/config.json ] || { /usr/bin/time -v python3 benchmarks/finetune_job.py prepare --work $work 2>&1 | tail -30; }
+    # Ours twice (empty, then warm compilation cache), then TRL's batchings, eager and compiled.
+    python3 benchmarks/finetune_job.py run --work $work --out $results --jobs ours ours \
+      trl:padding_free trl:packing trl:padded trl:padding_free+compile trl:packing+compile
+    touch /tmp/finetune_job.done ;;
+  wait) for _ in $(seq "${2:-100}"); do [ -f /tmp/finetune_job.done ] && break; sleep 5; done ;;
+esac
+tail -n 20 /tmp/finetune_job.out | cut -c1-700
+cp $results/* "$out"/ 2>/dev/null || true
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
