@@ -48,6 +48,31 @@ def test_the_architecture_comes_from_the_backbone(preset):
     assert preset_architecture(path) == architecture
 
 
+def assert_kerashubs_own_weights(path):
+    """Our load (no random draws before the file is read) gives exactly KerasHub's `from_preset` weights."""
+    import keras
+    import keras_hub
+
+    ours, theirs = load_causal_lm(path), keras_hub.models.CausalLM.from_preset(str(path))
+    assert [w.path for w in ours.weights] == [w.path for w in theirs.weights]
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), err_msg=a.path)
+    with pytest.raises(Exception):
+        load_causal_lm(path / "missing")
+    # The zeros are gone after a load, and after a failed one: new layers draw random weights again.
+    layer = keras.layers.Dense(4)
+    layer.build((None, 4))
+    assert np.all(keras.ops.convert_to_numpy(layer.kernel) != 0)
+
+
+def test_loading_gives_kerashubs_own_weights(preset):
+    assert_kerashubs_own_weights(preset[1])
+
+
+def test_loading_gemma_gives_kerashubs_own_weights(tiny_preset):
+    assert_kerashubs_own_weights(tiny_preset)
+
+
 def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_data, tmp_path):
     architecture, path = preset
     adapters = [tmp_path / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
