@@ -25,7 +25,7 @@ def pin_of(line: str) -> tuple[str, str] | None:
 
 
 def pins(path: Path) -> dict[str, str]:
-    """`package -> version` for every `name==version` pip line and `name=version` conda line of an environment file."""
+    """`package -> version` for every `name==version` pip line and `name=version` conda line of an environment file or the lock."""
     if path.suffix == ".txt":
         lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     else:

@@ -109,10 +109,10 @@ def weights_from_the_preset() -> Iterator[None]:
 
     `from_preset` builds the model with its initializers, then loads the
     file over them. Drawing Gemma 2B's 2.5 billion random numbers first took
-    24 of a 30-second load on a CPU and most of the load on a GPU
-    (benchmarks/results/finetune_job.md). Only random initializers are
-    replaced; constants (norm scales, seeds) keep theirs. Keras offers no
-    switch for this, hence the one patched method, restored on exit.
+    24 of a 30-second load on a CPU (benchmarks/results/finetune_job.md).
+    Only random initializers are replaced; constants (norm scales, seeds)
+    keep theirs. Keras offers no switch for this, hence the one patched
+    method, restored on exit.
     """
     import keras
 
