@@ -4,7 +4,7 @@
 # in a session of its own and `wait` follows it over later calls (/tmp stays
 # while the machine is warm). Wheels of what the image lacks: .whl/ (the study's)
 # and .whl18/ (trl).
-#   bash benchmarks/finetune_job_gpu.sh start|wait
+#   [JOBS="ours ours trl:packing+compile"] bash benchmarks/finetune_job_gpu.sh start|wait
 set -euo pipefail
 out=${OUT:-/tmp/finetune_job_out}
 results=/tmp/finetune_job_results
@@ -19,8 +19,9 @@ case $1 in
     export PYTHONPATH=$site:$PWD/src
     [ -f $work/preset/config.json ] || { /usr/bin/time -v python3 benchmarks/finetune_job.py prepare --work $work 2>&1 | tail -30; }
     # Ours twice (empty, then warm compilation cache), then TRL's batchings, eager and compiled.
-    python3 benchmarks/finetune_job.py run --work $work --out $results --jobs ours ours \
-      trl:padding_free trl:packing trl:padded trl:padding_free+compile trl:packing+compile
+    jobs=${JOBS:-ours ours trl:padding_free trl:packing trl:padded trl:padding_free+compile trl:packing+compile}
+    rm -rf $work/jax_cache
+    python3 benchmarks/finetune_job.py run --work $work --out $results --jobs $jobs
     touch /tmp/finetune_job.done ;;
   wait) for _ in $(seq "${2:-100}"); do [ -f /tmp/finetune_job.done ] && break; sleep 5; done ;;
 esac
