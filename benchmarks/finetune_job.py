@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from gpu_lora import KERAS_GEMMA, emit, gpu_name, hf_config, software, write_csv  # noqa: E402
+from gpu_lora import KERAS_GEMMA, emit, gpu_name, hf_config, run_worker, software, write_csv  # noqa: E402
 from lorastudy.prompts import DEFAULT_TEMPLATE as TEMPLATE  # noqa: E402
 
 # The paper's settings for Gemma 2B (config/paper.yaml) and a tokenizer
@@ -167,8 +165,8 @@ def trl_job(args) -> dict:
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=val, processing_class=tokenizer, peft_config=lora)
     load_s = time.perf_counter() - started
     result = trainer.train()
-    useful = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) if route != "packing" else sum(
-        int(sum(lengths)) for lengths in trainer.train_dataset["seq_lengths"])
+    # Packed rows hold whole records and no padding, so every route counts its rows' lengths.
+    useful = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     return dict(useful_tokens=useful * EPOCHS, steps=result.global_step, load_s=load_s, final_loss=result.training_loss,
                 peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
 
@@ -198,19 +196,14 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     emit(out, phase="environment", gpu=gpu_name(), python=sys.version.split()[0], software={**software(), **trl_version()}, jobs=args.jobs)
     for i, route in enumerate(args.jobs):
+        name = route.removeprefix("trl:")
         run_dir = Path(args.work) / "runs" / f"{i}_{route.replace(':', '_').replace('+', '_')}"
-        command = [sys.executable, __file__, "job", "--work", args.work, "--route", route.removeprefix("trl:"), "--run-dir", str(run_dir)]
-        env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        print("+", route, flush=True)
-        started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        wall_s = time.perf_counter() - started
-        (out / "jobs.log").open("a").write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
-        adapters = sorted(str(a.relative_to(run_dir)) for a in run_dir.rglob("*") if a.name in ("adapter_model.safetensors", ) or a.suffix == ".h5")
-        record = dict(phase="job", framework="ours" if route == "ours" else f"trl {route.removeprefix('trl:')}", model=args.model,
+        done, wall_s = run_worker([__file__, "job", "--work", args.work, "--route", name, "--run-dir", str(run_dir)], out,
+                                  TOKENIZERS_PARALLELISM="false")
+        adapters = sorted(str(a.relative_to(run_dir)) for a in run_dir.rglob("*") if a.name == "adapter_model.safetensors" or a.suffix == ".h5")
+        record = dict(phase="job", framework="ours" if route == "ours" else f"trl {name}", model=args.model,
                       exit=done.returncode, wall_s=wall_s, adapters=adapters, gpu=gpu_name())
         if done.returncode:
-            print(done.stderr[-3000:], flush=True)
             emit(out, **record)
             continue
         detail = json.loads((run_dir / "job.json").read_text())
@@ -239,10 +232,9 @@ def load(args) -> None:
     emit(out, phase="environment", gpu=gpu_name(), python=sys.version.split()[0], software=software())
     for repeat in range(args.repeats):
         for loader in ("kerashub", "ours"):
-            started = time.perf_counter()
-            done = subprocess.run([sys.executable, __file__, "load-one", "--preset", args.preset, "--loader", loader],
-                                  capture_output=True, text=True, check=True)
-            emit(out, phase="load", loader=loader, preset=args.preset, repeat=repeat, process_s=time.perf_counter() - started,
+            done, seconds = run_worker([__file__, "load-one", "--preset", args.preset, "--loader", loader], out)
+            done.check_returncode()
+            emit(out, phase="load", loader=loader, preset=args.preset, repeat=repeat, process_s=seconds,
                  **json.loads(done.stdout.strip().splitlines()[-1]), gpu=gpu_name())
 
 
