@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 from test_export import random_adapter, transformers_logits
+from test_loss import assert_packed_rows_score_each_record_alone
 
 from lorastudy.export import peft_adapter
 from lorastudy.finetune import finetune
@@ -71,6 +72,10 @@ def test_loading_gives_kerashubs_own_weights(preset):
 
 def test_loading_gemma_gives_kerashubs_own_weights(tiny_preset):
     assert_kerashubs_own_weights(tiny_preset)
+
+
+def test_packed_records_attend_only_to_themselves(preset):
+    assert_packed_rows_score_each_record_alone(preset[1])
 
 
 def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_data, tmp_path):

@@ -134,3 +134,19 @@ def _adapter_weights(path) -> np.ndarray:
     with h5py.File(path, "r") as f:
         f.visititems(lambda name, obj: found.append(obj[()].ravel()) if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" else None)
     return np.concatenate(found)
+
+
+def test_packed_rows_take_fewer_steps_with_less_padding_and_the_loss_falls(tiny_preset, tiny_data, tmp_path, trained):
+    adapters = [tmp_path / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
+    stats = finetune(
+        tiny_preset, tiny_data["train"], tiny_data["val"], adapters, tmp_path / "history.csv", tmp_path / "train.json",
+        rank=4, template=DEFAULT_TEMPLATE, settings={**FAST, "packing": True, "sequence_length": 128},
+    )
+    unpacked = trained["stats"]  # the same records, one per row of at most 64 tokens
+    assert stats["packing"] and stats["batch_widths"] == [128] and all(p.is_file() for p in adapters)
+    assert stats["tokens_seen"] == unpacked["tokens_seen"] and stats["loss_tokens_seen"] == unpacked["loss_tokens_seen"]
+    # Three records or so a row: fewer, fuller steps.
+    assert stats["steps"] <= unpacked["steps"] / 2 and stats["padded_tokens_per_epoch"] < unpacked["padded_tokens_per_epoch"]
+    assert stats["tokens_seen"] / 2 > 0.8 * stats["padded_tokens_per_epoch"]
+    epochs = [r for r in csv.DictReader(open(tmp_path / "history.csv")) if r["kind"] == "epoch"]
+    assert float(epochs[1]["loss"]) < float(epochs[0]["loss"]) and float(epochs[1]["val_loss"]) < float(epochs[0]["val_loss"])

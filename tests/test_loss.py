@@ -105,3 +105,50 @@ def test_the_training_model_equals_kerashub_logits_with_keras_cross_entropy(tiny
     np.testing.assert_allclose(ours(values), reference(values), rtol=1e-5)
     for a, b in zip(jax.grad(ours)(values), jax.grad(reference)(values)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def assert_packed_rows_score_each_record_alone(preset) -> None:
+    """Records packed into a row (segment-numbered padding mask) give each record's loss, accuracy and
+    LoRA gradient as a batch of the records alone does; without segments, they would see each other."""
+    from lorastudy.lora import LoraSpec, enable_lora
+    from lorastudy.loss import response_loss_model
+    from lorastudy.models import load_causal_lm
+    from lorastudy.tokens import Example, collate
+
+    causal_lm = load_causal_lm(preset)
+    enable_lora(causal_lm.backbone, LoraSpec(4))
+    for v in causal_lm.backbone.trainable_variables:  # LoRA's B starts at zero; make the update matter
+        v.assign(np.random.default_rng(0).normal(size=v.shape).astype("float32") * 0.1)
+    rng = np.random.default_rng(1)
+    examples = [
+        Example(i, rng.integers(4, 300, n + 1).astype("int32"), (rng.random(n) > 0.3).astype("float32"), False)
+        for i, n in enumerate([9, 14, 6, 11])
+    ]
+    packed, _ = collate([examples[:2], examples[2:]], width=24, pad_id=0)
+    alone, _ = collate([[ex] for ex in examples], width=24, pad_id=0)
+    assert packed["padding_mask"][0].tolist() == [1] * 9 + [2] * 14 + [0]
+
+    def stats(model, x):
+        def total(values):
+            out, _ = model.stateless_call(values, [v.value for v in model.non_trainable_variables], x)
+            return out[:, 0].sum(), out
+
+        values = [v.value for v in model.trainable_variables]
+        (_, out), grads = jax.value_and_grad(total, has_aux=True)(values)
+        return np.asarray(out), grads
+
+    plain = response_loss_model(causal_lm)
+    mixed, _ = stats(plain, packed)
+    each, each_grads = stats(plain, alone)
+    together, together_grads = stats(response_loss_model(causal_lm, segments=True), packed)
+    for row, pair in enumerate([(0, 1), (2, 3)]):
+        np.testing.assert_allclose(together[row], each[list(pair)].sum(axis=0), rtol=2e-5, atol=1e-5)
+    assert not np.allclose(mixed[:, 0], together[:, 0], rtol=1e-3)
+    for a, b in zip(together_grads, each_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Segments change nothing for rows of one record each.
+    np.testing.assert_allclose(stats(response_loss_model(causal_lm, segments=True), alone)[0], each, rtol=1e-6)
+
+
+def test_packed_records_attend_only_to_themselves(tiny_preset):
+    assert_packed_rows_score_each_record_alone(tiny_preset)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lorastudy.prompts import PromptTemplate
-from lorastudy.tokens import choose_widths, collate, encode_examples, plan_batches, token_lists
+from lorastudy.tokens import choose_widths, collate, encode_examples, pack_rows, plan_batches, plan_packed_batches, token_lists
 
 
 class CharTokenizer:
@@ -55,7 +55,7 @@ def test_truncation_is_counted_and_records_without_response_are_skipped():
 
 def test_collate_pads_with_zero_weight_and_masks_padding():
     examples, _ = encode_examples(CharTokenizer(), RECORDS, TEMPLATE, 32)
-    x, row_weights = collate(examples, width=16, pad_id=0)
+    x, row_weights = collate([[ex] for ex in examples], width=16, pad_id=0)
     y, w = x["targets"], x["loss_weights"]
     assert x["token_ids"].shape == y.shape == w.shape == (2, 16)
     for row, ex in enumerate(examples):
@@ -70,28 +70,61 @@ def test_collate_pads_with_zero_weight_and_masks_padding():
 
 def test_filler_rows_keep_their_tokens_but_carry_no_loss():
     examples, _ = encode_examples(CharTokenizer(), RECORDS, TEMPLATE, 32)
-    x, row_weights = collate([examples[0], examples[0]], width=16, pad_id=0, real=1)
+    x, row_weights = collate([[examples[0]], [examples[0]]], width=16, pad_id=0, real=1)
     assert x["padding_mask"][1].sum() == examples[0].length
     assert row_weights.tolist() == [examples[0].loss_weights.sum(), 0.0]
+
+
+def test_packed_rows_number_their_examples_and_keep_each_ones_tokens_and_weights():
+    examples, _ = encode_examples(CharTokenizer(), RECORDS, TEMPLATE, 32)
+    a, b = examples
+    x, row_weights = collate([[a, b]], width=a.length + b.length + 3, pad_id=0)
+    n = a.length
+    assert x["padding_mask"][0].tolist() == [1] * n + [2] * b.length + [0] * 3
+    assert x["token_ids"][0, n : n + b.length].tolist() == b.token_ids[:-1].tolist()
+    assert x["targets"][0, :n].tolist() == a.token_ids[1:].tolist()
+    assert x["loss_weights"][0, n : n + b.length].tolist() == b.loss_weights.tolist()
+    assert row_weights.tolist() == [a.loss_weights.sum() + b.loss_weights.sum()]
 
 
 LENGTHS = np.random.default_rng(0).integers(5, 250, size=203).tolist()
 
 
+def test_packing_puts_every_example_in_one_row_that_holds_it_and_fills_rows_best_fit():
+    rows = pack_rows(LENGTHS, 256)
+    assert sorted(i for row in rows for i in row) == list(range(len(LENGTHS)))
+    assert all(sum(LENGTHS[i] for i in row) <= 256 for row in rows)
+    # Best-fit decreasing's bound: at most 11/9 of the fewest rows possible, plus one.
+    assert len(rows) <= 11 / 9 * -(-sum(LENGTHS) // 256) + 1
+    assert pack_rows([3, 5, 4, 2], 8) == [(1, 0), (2, 3)]
+    with pytest.raises(ValueError, match="300 tokens"):
+        pack_rows([10, 300], 256)
+
+
+def test_packed_batches_are_seeded_per_epoch_and_every_row_counts_once():
+    rows = pack_rows(LENGTHS, 256)
+    plan = lambda rng: [b.rows for b in plan_packed_batches(rows, 256, 4, rng)]  # noqa: E731
+    assert plan(np.random.default_rng(3)) == plan(np.random.default_rng(3))
+    assert plan(np.random.default_rng(3)) != plan(np.random.default_rng(4))
+    batches = plan_packed_batches(rows, 256, 4, np.random.default_rng(3))
+    assert sorted(i for b in batches for i in b.examples()) == list(range(len(LENGTHS)))
+    assert all(len(b.rows) == 4 for b in batches) and sum(b.real < 4 for b in batches) == (len(rows) % 4 > 0)
+
+
 @pytest.mark.parametrize("widths", [[256], [64, 128, 256], [32, 48, 96, 250]])
 def test_every_example_is_in_exactly_one_batch_of_one_shape_per_width(widths):
     batches = plan_batches(LENGTHS, widths, 8, np.random.default_rng(1))
-    real = np.concatenate([b.indices[: b.real] for b in batches])
-    assert sorted(real.tolist()) == list(range(len(LENGTHS)))
-    assert all(len(b.indices) == 8 for b in batches)
-    assert all(LENGTHS[i] <= b.width for b in batches for i in b.indices)
+    real = [i for b in batches for i in b.examples()]
+    assert sorted(real) == list(range(len(LENGTHS)))
+    assert all(len(b.rows) == 8 and all(len(row) == 1 for row in b.rows) for b in batches)
+    assert all(LENGTHS[i] <= b.width for b in batches for (i,) in b.rows)
     # Only the widest width may hold a batch that is not all real rows.
     assert all(b.real == 8 or b.width == widths[-1] for b in batches)
     assert sum(b.real < 8 for b in batches) <= 1
 
 
 def test_batch_order_is_seeded_and_evaluation_keeps_input_order():
-    plan = lambda rng: [b.indices.tolist() for b in plan_batches(LENGTHS, [64, 128, 256], 8, rng)]  # noqa: E731
+    plan = lambda rng: [[i for (i,) in b.rows] for b in plan_batches(LENGTHS, [64, 128, 256], 8, rng)]  # noqa: E731
     assert plan(np.random.default_rng(3)) == plan(np.random.default_rng(3))
     assert plan(np.random.default_rng(3)) != plan(np.random.default_rng(4))
     first_bucket = [i for i in range(len(LENGTHS)) if LENGTHS[i] <= 64]

@@ -63,6 +63,7 @@ class TrainSettings:
     log_every_n_steps: int = 10
     precision: str = "auto"
     length_bucketing: bool = True
+    packing: bool = False
     pad_multiple: int = 16
     compile_seconds_per_width: float = 15.0
     expected_tokens_per_second: float = 40000.0
@@ -85,12 +86,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def bucket_widths(settings: TrainSettings, train: Sequence[Example], val: Sequence[Example], epochs: int) -> list[int]:
-    """The batch widths of a run: one (the sequence length) without bucketing, else chosen by cost.
+    """The batch widths of a run: one (the sequence length) with packing or without bucketing, else chosen by cost.
 
     Validation is batched with the same widths, so it adds no program shapes.
     """
     s = settings
-    if not s.length_bucketing:
+    if s.packing or not s.length_bucketing:
         return [s.sequence_length]
     return choose_widths(
         [ex.length for ex in train], s.sequence_length, s.pad_multiple, epochs,
@@ -158,7 +159,7 @@ def compile_for_training(causal_lm, settings: TrainSettings, total_steps: int):
     from lorastudy.distribution import data_parallel_size
     from lorastudy.loss import TokenAccuracy, batch_mean_loss, response_loss_model
 
-    model = response_loss_model(causal_lm, groups=data_parallel_size(keras.distribution.distribution()))
+    model = response_loss_model(causal_lm, groups=data_parallel_size(keras.distribution.distribution()), segments=settings.packing)
     model.compile(optimizer=make_optimizer(settings, total_steps), loss=batch_mean_loss, metrics=[TokenAccuracy()])
     return model
 
@@ -345,8 +346,8 @@ def _finetune(preset, train_path, val_path, adapter_paths, history_path, stats_p
     widths = bucket_widths(s, train, val, epochs)
     Batches = training_batches()
     pad_id = tokenizer.pad_token_id
-    train_batches = Batches(train, widths, s.batch_size, pad_id, seed=s.seed)
-    val_batches = Batches(val, widths, s.batch_size, pad_id, seed=None)
+    train_batches = Batches(train, widths, s.batch_size, pad_id, seed=s.seed, packed=s.packing)
+    val_batches = Batches(val, widths, s.batch_size, pad_id, seed=None, packed=s.packing)
     log.info("batch widths %s: %d padded tokens per epoch for %d real ones", widths, train_batches.padded_tokens(), sum(ex.length for ex in train))
     model = compile_for_training(causal_lm, s, total_steps=epochs * len(train_batches))
 
@@ -409,6 +410,7 @@ def _finetune(preset, train_path, val_path, adapter_paths, history_path, stats_p
         "validation_examples": len(val),
         "steps": run.steps_before_epoch,
         "batch_widths": widths,
+        "packing": s.packing,
         "tokens_seen": tokens_per_epoch * epochs,
         "loss_tokens_seen": int(sum(ex.loss_weights.sum() for ex in train)) * epochs,
         "padded_tokens_per_epoch": train_batches.padded_tokens(),

@@ -22,8 +22,10 @@ gradient is skipped.
 output per row is [loss sum, correct predictions], and `batch_mean_loss` /
 `TokenAccuracy` turn those into the mean loss over the batch's weighted
 tokens and the token accuracy, exactly as a full-logits cross-entropy with
-`mean_with_sample_weight` would. (Imported by the finetune stage only when
-it trains: it imports Keras and JAX.)
+`mean_with_sample_weight` would. With packed rows (`segments=True`) each
+token attends only within its own record (`attend_within_segments`).
+(Imported by the finetune stage only when it trains: it imports Keras and
+JAX.)
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def _chunked(hidden, embeddings, targets, weights, soft_cap, rows, with_grad):
 # --------------------------------------------------------------------------
 
 
-def response_loss_model(causal_lm, groups: int = 1) -> keras.Model:
+def response_loss_model(causal_lm, groups: int = 1, segments: bool = False) -> keras.Model:
     """A Keras model over `causal_lm`'s backbone (same variables) whose output is the loss statistics per row.
 
     Inputs: `token_ids`, `padding_mask`, `targets`, `loss_weights`, each
@@ -153,8 +155,12 @@ def response_loss_model(causal_lm, groups: int = 1) -> keras.Model:
     weighted correct predictions. Compile it with `batch_mean_loss` and
     `TokenAccuracy`, and give `fit` the rows' loss weights as `y`. `groups`:
     the data-parallel devices, each of which computes its rows' loss alone.
+    `segments`: the padding mask numbers the records packed into each row
+    (`lorastudy.tokens.collate`), and attention stays within each.
     """
     backbone = causal_lm.backbone
+    if segments:
+        attend_within_segments(backbone)
     inputs = {
         "token_ids": keras.Input(shape=(None,), dtype="int32", name="token_ids"),
         "padding_mask": keras.Input(shape=(None,), dtype="int32", name="padding_mask"),
@@ -164,6 +170,32 @@ def response_loss_model(causal_lm, groups: int = 1) -> keras.Model:
     hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
     stats = ResponseLoss(backbone.token_embedding, groups)(hidden, inputs["targets"], inputs["loss_weights"])
     return keras.Model(inputs, stats, name="lora_training")
+
+
+def attend_within_segments(backbone) -> None:
+    """Make every decoder block of a KerasHub Gemma read its padding mask as segment numbers.
+
+    KerasHub's blocks merge the padding mask into a causal mask (any non-zero
+    entry counts as a token); this narrows that mask to pairs of positions
+    in the same segment, so that records packed into one row never see each
+    other: a block-diagonal causal mask, which cuDNN's attention takes like
+    any other mask. Gemma's rotary embeddings depend on relative positions
+    only, so a record scores the same at any offset in its row. Unchanged:
+    0/1 padding masks (one segment per row), and generation with a cache,
+    whose mask is not square over the padding mask.
+    """
+    for block in backbone.transformer_layers:
+        block._compute_attention_mask = functools.partial(_segment_mask, block._compute_attention_mask)
+
+
+def _segment_mask(compute_mask, x, padding_mask, *args):
+    mask = compute_mask(x, padding_mask, *args)
+    if padding_mask is None or mask.shape[-2:] != (padding_mask.shape[-1],) * 2:
+        return mask
+    segment = jnp.asarray(padding_mask, "int32")
+    # A padding position's query (segment 0) keeps KerasHub's mask, so that no row of it is empty.
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, :, None] == 0)
+    return mask * same.astype(mask.dtype)
 
 
 class ResponseLoss(keras.layers.Layer):

@@ -15,10 +15,19 @@ skips most of the padding while keeping each example's attention to itself.
 Every width is one more XLA compilation, so the widths are chosen for the
 data's own lengths by what they save in padding against what they cost to
 compile (`choose_widths`).
+
+With packing, batches have one width, the sequence length, and each row
+holds several whole records (`pack_rows`, best-fit decreasing): almost no
+padding and one program shape. The padding mask then numbers each row's
+records (1, 2, ...; 0 for padding), and the model lets a token attend only
+within its own record (`lorastudy.models.attend_within_segments`). A row is
+then a batch member, so `batch_size` counts rows and an epoch takes fewer
+steps, as in TRL's packing.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,16 +93,20 @@ def encode_examples(
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: its width and `batch_size` example indices, of which the first `real` count.
+    """One batch: its width and `batch_size` rows of example indices, of which the first `real` count.
 
-    The rows past `real` repeat the first example with no loss weight, so
-    that every batch of a width has one shape (one compiled program) and no
-    row is all padding.
+    A row holds one example, or several when packed. The rows past `real`
+    repeat the first row with no loss weight, so that every batch of a
+    width has one shape (one compiled program) and no row is all padding.
     """
 
     width: int
-    indices: np.ndarray
+    rows: tuple[tuple[int, ...], ...]
     real: int
+
+    def examples(self) -> list[int]:
+        """The indices of the examples that count (those of the first `real` rows)."""
+        return [i for row in self.rows[: self.real] for i in row]
 
 
 def choose_widths(
@@ -151,18 +164,55 @@ def plan_batches(
     """
     order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
     bucket = np.searchsorted(widths, np.asarray(lengths)[order])
-    batches, carried = [], np.array([], int)
+    batches, carried = [], []
     for b, width in enumerate(widths):
-        members = np.concatenate([carried, order[bucket == b]])
+        members = carried + [(int(i),) for i in order[bucket == b]]
         full = len(members) // batch_size * batch_size
-        batches += [Batch(width, members[i : i + batch_size], batch_size) for i in range(0, full, batch_size)]
+        batches += [_batch(width, members[i : i + batch_size], batch_size) for i in range(0, full, batch_size)]
         carried = members[full:]
-    if len(carried):
-        filler = np.full(batch_size - len(carried), carried[0])
-        batches.append(Batch(widths[-1], np.concatenate([carried, filler]), len(carried)))
+    if carried:
+        batches.append(_batch(widths[-1], carried, batch_size))
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[tuple[int, ...]]:
+    """Example indices packed into rows of `width` tokens, best-fit decreasing.
+
+    Longest first, each example goes to the row with the least room that
+    still holds it, or starts a new row. Deterministic: ties keep input
+    order. Every length must be at most `width` (examples are cut to the
+    sequence length).
+    """
+    if max(lengths, default=0) > width:
+        raise ValueError(f"an example of {max(lengths)} tokens does not fit a packed row of {width}")
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(rooms, (lengths[i], -1))
+        if k == len(rooms):
+            rows.append([i])
+            room, row = width - lengths[i], len(rows) - 1
+        else:
+            room, row = rooms.pop(k)
+            rows[row].append(i)
+            room -= lengths[i]
+        if room:
+            bisect.insort(rooms, (room, row))
+    return [tuple(r) for r in rows]
+
+
+def plan_packed_batches(rows: Sequence[tuple[int, ...]], width: int, batch_size: int, rng: np.random.Generator | None) -> list[Batch]:
+    """The batches of one epoch over packed rows: the rows in random order (as given without `rng`), `batch_size` at a time."""
+    order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+    rows = [rows[i] for i in order]
+    return [_batch(width, rows[i : i + batch_size], batch_size) for i in range(0, len(rows), batch_size)]
+
+
+def _batch(width: int, rows: Sequence[tuple[int, ...]], batch_size: int) -> Batch:
+    """A batch of `rows`, filled up to `batch_size` with repeats of the first, which do not count."""
+    return Batch(width, tuple(rows) + (rows[0],) * (batch_size - len(rows)), len(rows))
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -174,23 +224,28 @@ def padded_width(longest: int, sequence_length: int, pad_multiple: int) -> int:
     return min(sequence_length, round_up(longest, pad_multiple))
 
 
-def collate(examples: Sequence[Example], width: int, pad_id: int, real: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Stack examples into the training model's inputs, [batch, width] each, and each row's loss weight.
+def collate(rows: Sequence[Sequence[Example]], width: int, pad_id: int, real: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Lay rows of examples into the training model's inputs, [batch, width] each, and each row's loss weight.
 
+    The examples of a row follow one another; the padding mask numbers them
+    from 1 (0 is padding), so a row of one example has the usual 1/0 mask.
     Rows from `real` on keep their tokens but get no loss weight.
     """
-    n = len(examples)
+    n = len(rows)
     token_ids = np.full((n, width), pad_id, "int32")
     targets = np.full((n, width), pad_id, "int32")
     weights = np.zeros((n, width), "float32")
-    padding_mask = np.zeros((n, width), bool)
-    for row, ex in enumerate(examples):
-        k = ex.length
-        token_ids[row, :k] = ex.token_ids[:-1]
-        targets[row, :k] = ex.token_ids[1:]
-        padding_mask[row, :k] = True
-        if real is None or row < real:
-            weights[row, :k] = ex.loss_weights
+    padding_mask = np.zeros((n, width), "int32")
+    for r, examples in enumerate(rows):
+        start = 0
+        for segment, ex in enumerate(examples, start=1):
+            span = slice(start, start + ex.length)
+            token_ids[r, span] = ex.token_ids[:-1]
+            targets[r, span] = ex.token_ids[1:]
+            padding_mask[r, span] = segment
+            if real is None or r < real:
+                weights[r, span] = ex.loss_weights
+            start += ex.length
     inputs = {"token_ids": token_ids, "padding_mask": padding_mask, "targets": targets, "loss_weights": weights}
     return inputs, weights.sum(axis=1)
 
@@ -200,34 +255,40 @@ def training_batches():
     import keras
 
     class Batches(keras.utils.PyDataset):
-        """Length-bucketed batches of fixed shapes; the order is a function of (seed, epoch).
+        """Length-bucketed or packed batches of fixed shapes; the order is a function of (seed, epoch).
 
         Making the order depend on the epoch number alone (not on how many
         epochs this process has run) is what lets a resumed run see the same
-        batches as an uninterrupted one.
+        batches as an uninterrupted one. Packed (`packed=True`, one width):
+        the rows are packed once and shuffled each epoch, as TRL does.
         """
 
-        def __init__(self, examples, widths, batch_size, pad_id, seed=None):
+        def __init__(self, examples, widths, batch_size, pad_id, seed=None, packed=False):
             super().__init__()
             self.examples, self.widths, self.batch_size, self.pad_id, self.seed = examples, widths, batch_size, pad_id, seed
+            if packed and len(widths) != 1:
+                raise ValueError(f"packed batches have one width, the sequence length; got {widths}")
+            self.rows = pack_rows([ex.length for ex in examples], widths[0]) if packed else None
             self.set_epoch(0)
 
         def set_epoch(self, epoch: int) -> None:
             rng = None if self.seed is None else np.random.default_rng([self.seed, epoch])
-            self.batches = plan_batches([ex.length for ex in self.examples], self.widths, self.batch_size, rng)
+            if self.rows is not None:
+                self.batches = plan_packed_batches(self.rows, self.widths[0], self.batch_size, rng)
+            else:
+                self.batches = plan_batches([ex.length for ex in self.examples], self.widths, self.batch_size, rng)
 
         def __len__(self) -> int:
             return len(self.batches)
 
         def __getitem__(self, index: int):
             b = self.batches[index]
-            return collate([self.examples[i] for i in b.indices], b.width, self.pad_id, b.real)
+            return collate([[self.examples[i] for i in row] for row in b.rows], b.width, self.pad_id, b.real)
 
         def padded_tokens(self) -> int:
-            return sum(len(b.indices) * b.width for b in self.batches)
+            return sum(len(b.rows) * b.width for b in self.batches)
 
         def loss_tokens(self, index: int) -> float:
-            b = self.batches[index]
-            return float(sum(self.examples[i].loss_weights.sum() for i in b.indices[: b.real]))
+            return float(sum(self.examples[i].loss_weights.sum() for i in self.batches[index].examples()))
 
     return Batches
