@@ -4,7 +4,7 @@
 # in a session of its own and `wait` follows it over later calls (/tmp stays
 # while the machine is warm). Wheels of what the image lacks: .whl/ (the study's)
 # and .whl18/ (trl).
-#   [JOBS="ours ours trl:packing+compile"] bash benchmarks/finetune_job_gpu.sh start|wait
+#   [JOBS="ours ours trl:packing+compile"] [JOB_TIMEOUT=s] [LOADS=2] bash benchmarks/finetune_job_gpu.sh start|wait
 set -euo pipefail
 out=${OUT:-/tmp/finetune_job_out}
 results=/tmp/finetune_job_results
@@ -18,13 +18,14 @@ case $1 in
     [ -d $site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl .whl18/trl-*.whl
     export PYTHONPATH=$site:$PWD/src
     [ -f $work/preset/config.json ] || { /usr/bin/time -v python3 benchmarks/finetune_job.py prepare --work $work 2>&1 | tail -30; }
-    # Ours twice (empty, then warm compilation cache), then TRL's batchings, eager and compiled.
-    jobs=${JOBS:-ours ours trl:padding_free trl:packing trl:padded trl:padding_free+compile trl:packing+compile}
-    rm -rf $work/jax_cache
-    python3 benchmarks/finetune_job.py run --work $work --out $results --jobs $jobs
+    # Each of our batchings twice (empty, then warm compilation cache), then TRL's, eager and compiled.
+    jobs=${JOBS:-ours+packing ours+packing ours ours trl:packing trl:packing+compile trl:padded trl:padding_free trl:padding_free+compile}
+    python3 benchmarks/finetune_job.py run --work $work --out $results --jobs $jobs ${JOB_TIMEOUT:+--job-timeout $JOB_TIMEOUT}
+    # Then the preset's load alone, KerasHub's against ours, each in a fresh process.
+    [ "${LOADS:-2}" = 0 ] || python3 benchmarks/finetune_job.py load --preset $work/preset --out $results/load --repeats "${LOADS:-2}"
     touch /tmp/finetune_job.done ;;
   wait) for _ in $(seq "${2:-100}"); do [ -f /tmp/finetune_job.done ] && break; sleep 5; done ;;
 esac
 tail -n 20 /tmp/finetune_job.out | cut -c1-700
-cp $results/* "$out"/ 2>/dev/null || true
+cp -r $results/* "$out"/ 2>/dev/null || true
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true

@@ -528,15 +528,21 @@ def run(args) -> None:
             run_worker([__file__, *worker, "--out", str(out), *(["--steps", str(args.steps)] if "train" in worker[0] else [])], out)
 
 
-def run_worker(arguments: list[str], out: Path, **env) -> tuple[subprocess.CompletedProcess, float]:
+def run_worker(arguments: list[str], out: Path, timeout: float | None = None, **env) -> tuple[subprocess.CompletedProcess, float]:
     """One measurement in a Python process of its own (its own GPU memory and peak); its output goes to out/workers.log.
 
-    Returns the finished process and its wall seconds, start to exit."""
+    Returns the finished process and its wall seconds, start to exit. A
+    process still running after `timeout` seconds is killed and returns 124
+    with what it had printed."""
     command = [sys.executable, *arguments]
     env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "PYTHONUNBUFFERED": "1", **env}
     print("+", " ".join(command[1:]), flush=True)
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as killed:
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        done = subprocess.CompletedProcess(command, 124, text(killed.stdout), text(killed.stderr) + f"\nkilled after {timeout} s\n")
     seconds = time.perf_counter() - started
     (out / "workers.log").open("a").write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
     print(f"  exit {done.returncode} after {seconds:.0f} s", flush=True)
