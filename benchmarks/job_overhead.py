@@ -189,11 +189,12 @@ def job_records(workdir: Path) -> list[dict]:
         splits[str(path.relative_to(workdir))] = {k: s.get(k) for k in (
             "load_seconds_this_run", "train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds",
             "steady_train_seconds", "tokens_per_second", "steady_tokens_per_second", "batch_widths", "padded_tokens_per_epoch",
-            "tokens_seen", "compiled_programs_this_run", "cache_hits_this_run", "wall_seconds_this_run")}
+            "tokens_seen", "compiled_programs_this_run", "cache_hits_this_run", "wall_seconds_this_run",
+            "runs_side_by_side", "wave_seconds", "peak_device_memory_bytes")}
     for path in (workdir / "results" / "generate").rglob("generate.json"):
         s = json.loads(path.read_text())
         splits[str(path.relative_to(workdir))] = {k: s.get(k) for k in (
-            "load_seconds", "runs_in_job", "seconds", "compile_seconds", "steady_seconds", "new_tokens",
+            "load_seconds", "runs_in_job", "batch_size", "seconds", "compile_seconds", "steady_seconds", "new_tokens",
             "new_tokens_per_second", "steady_new_tokens_per_second", "compiled_programs", "cache_hits")}
     return jobs, splits
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from lorastudy.cli import main
@@ -86,19 +87,63 @@ def test_one_job_over_every_epoch_answers_as_separate_jobs_would(tiny_preset, ti
         assert s["steady_new_tokens_per_second"] >= s["new_tokens_per_second"] > 0
 
 
-def test_adapters_of_another_rank_in_one_job_fail_clearly(tiny_preset, tiny_data, tiny_adapters, tmp_path):
-    import shutil
+def test_batching_does_not_change_greedy_answers_with_an_adapter_either(tiny_preset, tiny_data, tiny_adapters, tmp_path):
+    """All 8 prompts in one batch (what "auto" gives on a GPU), 16 (auto on a CPU), and 3."""
+    answers = {}
+    for batch in (8, 16, 3, "auto"):
+        out = tmp_path / f"b{batch}.jsonl"
+        (stats,) = generate(tiny_preset, tiny_data["test"], [out], [tmp_path / "s.json"], DEFAULT_TEMPLATE,
+                            adapters=tiny_adapters[-1:], settings={**SETTINGS, "batch_size": batch})
+        answers[batch] = [r["prediction"] for r in read_jsonl(out)]
+        assert stats["batch_size"] == (8 if batch == "auto" else batch)
+    assert answers[8] == answers[16] == answers[3] == answers["auto"]
 
+
+def test_auto_batch_takes_every_prompt_when_it_fits_else_equal_batches():
+    from lorastudy.generate import auto_batch_size
+
+    assert auto_batch_size(500, per_row=10, free=20_000) == 500
+    assert auto_batch_size(500, per_row=10, free=6_000) == 250  # 300 fit: two batches of 250
+    assert auto_batch_size(500, per_row=10, free=2_000) == 100
+    assert auto_batch_size(500, per_row=10, free=6_000, multiple=8) == 256
+    assert auto_batch_size(500, per_row=10**9, free=100) == 1
+
+
+def test_mixed_ranks_and_the_base_in_one_job_answer_as_separate_jobs(tiny_preset, tiny_data, tiny_adapters, tmp_path):
+    """LoRA enabled once at the largest rank; each adapter loaded zero-padded; the base is the variables at zero."""
+    from lorastudy.lora import LoraSpec, enable_lora, save_adapter
+    from lorastudy.models import load_causal_lm
+
+    other = load_causal_lm(tiny_preset)
+    layers = enable_lora(other.backbone, LoraSpec(2))
+    for layer in layers:
+        layer.lora_kernel_b.assign(0.5 * np.ones(layer.lora_kernel_b.shape))
+    save_adapter(other.backbone, LoraSpec(2), tmp_path / "rank2.lora.h5")
+    adapters = [tmp_path / "rank2.lora.h5", *tiny_adapters]
+    names = ["base", "rank2", "rank4_epoch1", "rank4_epoch2"]
+    outs = [tmp_path / f"job_{n}.jsonl" for n in names]
+    stats = generate(tiny_preset, tiny_data["test"], outs, [tmp_path / f"job_{n}.json" for n in names], DEFAULT_TEMPLATE,
+                     adapters=adapters, settings=SETTINGS, include_base=True)
+    for adapter, out in zip([None, *adapters], outs):
+        alone = tmp_path / "alone.jsonl"
+        generate(tiny_preset, tiny_data["test"], [alone], [tmp_path / "alone.json"], DEFAULT_TEMPLATE,
+                 adapters=[adapter] if adapter else [], settings=SETTINGS)
+        assert out.read_bytes() == alone.read_bytes(), out
+    assert len({out.read_bytes() for out in outs}) == len(outs), "two runs gave the same answers"
+    # One program for every run: the first compiles it, the rest reuse it.
+    assert stats[0]["compiled_programs"] >= 1 and all(s["compiled_programs"] == 0 for s in stats[1:])
+
+
+def test_adapters_of_other_layers_in_one_job_fail_clearly(tiny_preset, tiny_data, tiny_adapters, tmp_path):
     from lorastudy.lora import AdapterError, LoraSpec, enable_lora, save_adapter
     from lorastudy.models import load_causal_lm
 
     other = load_causal_lm(tiny_preset)
-    enable_lora(other.backbone, LoraSpec(2))
-    save_adapter(other.backbone, LoraSpec(2), tmp_path / "rank2.lora.h5")
-    shutil.copy(tiny_adapters[0], tmp_path / "first.lora.h5")
-    with pytest.raises(AdapterError, match="rank2.lora.h5 is LoraSpec.rank=2"):
+    enable_lora(other.backbone, LoraSpec(2, ("query", "key")))
+    save_adapter(other.backbone, LoraSpec(2, ("query", "key")), tmp_path / "qk.lora.h5")
+    with pytest.raises(AdapterError, match=r"qk.lora.h5 adapts \['query', 'key'\], but .*adapter_epoch1.lora.h5 adapts \['query', 'value'\]"):
         generate(tiny_preset, tiny_data["test"], [tmp_path / "a.jsonl", tmp_path / "b.jsonl"], [tmp_path / "a.json", tmp_path / "b.json"],
-                 DEFAULT_TEMPLATE, adapters=[tmp_path / "first.lora.h5", tmp_path / "rank2.lora.h5"], settings=SETTINGS)
+                 DEFAULT_TEMPLATE, adapters=[tiny_adapters[0], tmp_path / "qk.lora.h5"], settings=SETTINGS)
 
 
 def test_several_generation_seeds_answer_as_samplers_built_with_each_seed(tiny_preset, tiny_data, tmp_path):

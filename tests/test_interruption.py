@@ -19,12 +19,18 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 6
 RUN_DIR = "results/finetune/tiny/32_r2_s0"
+# The file that marks epoch 1 done: a grouped job's wave state (its one run here), or a per-run job's.
+EPOCH_ONE_DONE = {
+    "grouped": "results/finetune/tiny/32_checkpoints/32_r2_s0/state.json",
+    "per_run": f"{RUN_DIR}/checkpoints/state_epoch1.json",
+}
 
 
-def long_run_config(tmp_path: Path) -> Path:
-    """The smoke config, one job, enough epochs that a kill after the first lands mid-run."""
+def long_run_config(tmp_path: Path, jobs: str = "grouped") -> Path:
+    """The smoke config, one run, enough epochs that a kill after the first lands mid-run."""
     config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
     config["grid"].update(subsets=["32"], ranks=[2], seeds=[0], epochs=list(range(1, EPOCHS + 1)))
+    config["jobs"] = jobs
     return write_config(tmp_path / "long.yaml", config)
 
 
@@ -52,12 +58,12 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> Non
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_killed_finetune_resumes_after_the_last_saved_epoch(tmp_path, how):
-    config = long_run_config(tmp_path)
+@pytest.mark.parametrize(("how", "jobs"), [("SIGTERM", "grouped"), ("SIGKILL", "grouped"), ("SIGKILL", "per_run")])
+def test_killed_finetune_resumes_after_the_last_saved_epoch(tmp_path, how, jobs):
+    config = long_run_config(tmp_path, jobs)
     run_dir = tmp_path / RUN_DIR
     process = start(tmp_path, config)
-    wait_for(run_dir / "checkpoints" / "state_epoch1.json", process)
+    wait_for(tmp_path / EPOCH_ONE_DONE[jobs], process)
     if how == "SIGTERM":
         # What SLURM sends at a time limit, to every process of the job.
         os.killpg(process.pid, signal.SIGTERM)
@@ -89,17 +95,18 @@ def _epoch_rows(history: Path) -> list[int]:
     return [int(r["epoch"]) for r in csv.DictReader(open(history)) if r["kind"] == "epoch"]
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("jobs", ["grouped", "per_run"])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, jobs):
     """Resuming restores the adapter, the optimizer and the data order: the same adapters as a run never stopped."""
     import h5py
     import numpy as np
 
-    config = long_run_config(tmp_path)
+    config = long_run_config(tmp_path, jobs)
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     killed.mkdir()
     whole.mkdir()
     process = start(killed, config)
-    wait_for(killed / RUN_DIR / "checkpoints" / "state_epoch1.json", process)
+    wait_for(killed / EPOCH_ONE_DONE[jobs], process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=120)
     for workdir in (killed, whole):

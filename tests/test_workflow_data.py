@@ -29,8 +29,15 @@ def test_gemma2_and_gemma3_paper_dag_dry_run(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", *configs)
     for model in ("gemma2_2b_en", "gemma3_1b", "gemma3_instruct_1b", "gemma3_4b_text"):
         assert f"model={model}" in result.stdout
-    # Per model: 3 subsets x 3 ranks x 3 seeds finetune jobs, each trained to 3 epochs.
-    assert result.stdout.count("rule finetune:") == 4 * 27
+    # Grouped (the default): per model, one finetune job per subset (3 ranks x 3 seeds side by side, each
+    # trained to 3 epochs) and one evaluation job for the base and all 81 adapters.
+    assert result.stdout.count("rule finetune:") == 4 * 3
+    assert result.stdout.count("rule generate:") == 4
+    assert "rule generate_base:" not in result.stdout
+    # Per run: 3 subsets x 3 ranks x 3 seeds finetune jobs, and as many evaluation jobs plus the base.
+    per_run = snakemake(tmp_path, "-n", "--configfile", *configs, "--config", "jobs=per_run")
+    assert per_run.stdout.count("rule finetune:") == per_run.stdout.count("rule generate:") == 4 * 27
+    assert per_run.stdout.count("rule generate_base:") == 4
 
 
 def test_bad_config_stops_the_workflow_naming_the_key(tmp_path):

@@ -59,16 +59,20 @@ def test_jobs_share_the_compilation_cache_and_say_where_their_time_went(smoke_ru
         assert s["train_seconds"] >= s["steady_train_seconds"] > 0 and s["train_compile_seconds"] > 0, path
         assert s["load_seconds_this_run"] > 0 and s["steady_tokens_per_second"] >= s["tokens_per_second"] > 0, path
         assert s["batch_widths"] == sorted(s["batch_widths"]) and s["batch_widths"][-1] <= SMOKE["train"]["sequence_length"]
-    # One evaluation job per finetune run: every epoch's answers share its load.
-    stats = [json.loads((smoke_run / paths.generation_stats(f"32_r2_s1_epoch{e}").format(model="tiny")).read_text()) for e in (1, 2)]
-    assert [s["runs_in_job"] for s in stats] == [2, 2] and stats[0]["load_seconds"] == stats[1]["load_seconds"]
-    assert (smoke_run / "logs" / "generate" / "tiny" / "32_r2_s1.log").is_file()
+    # Jobs grouped: one finetune job per subset trains its 2 ranks x 2 seeds side by side...
+    for path in (smoke_run / "results" / "finetune").rglob("train.json"):
+        assert json.loads(path.read_text())["runs_side_by_side"] == 4, path
+    # ...and one evaluation job answers for the base and all 16 adapters, on one load.
+    runs = ["base", *(f"32_r2_s1_epoch{e}" for e in (1, 2)), "64_r4_s0_epoch2"]
+    stats = [json.loads((smoke_run / paths.generation_stats(run).format(model="tiny")).read_text()) for run in runs]
+    assert {s["runs_in_job"] for s in stats} == {17} and len({s["load_seconds"] for s in stats}) == 1
+    assert (smoke_run / "logs" / "generate" / "tiny.log").is_file()
 
 
 def test_every_job_has_a_log_and_the_expensive_ones_a_benchmark(smoke_run):
     logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
-    assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32_r2_s0.log", "generate/tiny/base.log"} <= logs
-    assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64_r4_s1.tsv").is_file()
+    assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32.log", "finetune/tiny/64.log", "generate/tiny.log"} <= logs
+    assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64.tsv").is_file()
 
 
 def test_job_logs_carry_no_library_start_up_notices(smoke_run):

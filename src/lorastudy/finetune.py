@@ -39,7 +39,7 @@ from lorastudy.checkpoints import Checkpoints, fingerprint
 from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.distribution import distributed
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
-from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora
+from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora, initial_factors, set_factors
 from lorastudy.models import architecture, attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import Example, choose_widths, encode_examples, training_batches
@@ -65,12 +65,13 @@ class TrainSettings:
     length_bucketing: bool = True
     packing: bool = False
     pad_multiple: int = 16
-    compile_seconds_per_width: float = 15.0
-    expected_tokens_per_second: float = 40000.0
+    compile_seconds_per_width: float | str = "auto"
+    expected_tokens_per_second: float | str = "auto"
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     lora_alpha: float | None = None
     devices: int | str = "all"
     model_parallel: int = 1
+    stack_size: int | str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -85,18 +86,44 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------
 
 
-def bucket_widths(settings: TrainSettings, train: Sequence[Example], val: Sequence[Example], epochs: int) -> list[int]:
+# What "auto" means for the width cost model, by device kind: (compile seconds per
+# width, training tokens per second of one run). GPU: Gemma 2B on one H100;
+# CPU: Gemma 3 270M at 8 x 128 on a 2-core CPU (benchmarks/results/job_overhead.json).
+WIDTH_COSTS = {"gpu": (15.0, 40000.0), "cpu": (20.0, 300.0)}
+
+
+def bucket_widths(settings: TrainSettings, train: Sequence[Example], val: Sequence[Example], epochs: int, runs: int = 1) -> list[int]:
     """The batch widths of a run: one (the sequence length) with packing or without bucketing, else chosen by cost.
 
-    Validation is batched with the same widths, so it adds no program shapes.
+    `runs` adapters trained side by side share each width's programs and
+    pay each padded token together. Validation is batched with the same
+    widths, so it adds no program shapes.
     """
+    import jax
+
     s = settings
     if s.packing or not s.length_bucketing:
         return [s.sequence_length]
+    compile_seconds, tokens_per_second = WIDTH_COSTS.get(jax.default_backend(), WIDTH_COSTS["gpu"])
+    if s.compile_seconds_per_width != "auto":
+        compile_seconds = float(s.compile_seconds_per_width)
+    if s.expected_tokens_per_second != "auto":
+        tokens_per_second = float(s.expected_tokens_per_second)
     return choose_widths(
         [ex.length for ex in train], s.sequence_length, s.pad_multiple, epochs,
-        s.compile_seconds_per_width, s.expected_tokens_per_second, longest=max(ex.length for ex in val),
+        compile_seconds, tokens_per_second / runs, longest=max(ex.length for ex in val),
     )
+
+
+def encode_splits(tokenizer, train_path, val_path, template: str, s: TrainSettings) -> tuple[list[Example], list[Example], dict[str, int]]:
+    """The training and validation examples, and the training split's counts (logged, with a warning for truncation)."""
+    prompt = PromptTemplate(template)
+    train, train_counts = encode_examples(tokenizer, read_jsonl(train_path), prompt, s.sequence_length, s.mask_prompt)
+    val, val_counts = encode_examples(tokenizer, read_jsonl(val_path), prompt, s.sequence_length, s.mask_prompt)
+    log.info("training examples: %s; validation examples: %s", train_counts, val_counts)
+    if train_counts["truncated"]:
+        log.warning("%d of %d training records exceed %d tokens and were truncated", train_counts["truncated"], len(train), s.sequence_length)
+    return train, val, train_counts
 
 
 # --------------------------------------------------------------------------
@@ -334,14 +361,10 @@ def _finetune(preset, train_path, val_path, adapter_paths, history_path, stats_p
     causal_lm = load_causal_lm(preset, dtype=dtype)
     backbone = causal_lm.backbone
     spec = LoraSpec(rank, s.lora_targets, s.lora_alpha)
-    enable_lora(backbone, spec, lora_policy)
+    layers = enable_lora(backbone, spec, lora_policy)
+    set_factors(layers, initial_factors(layers, rank, s.seed), spec.scale)
     tokenizer = causal_lm.preprocessor.tokenizer
-    prompt = PromptTemplate(template)
-    train, train_counts = encode_examples(tokenizer, read_jsonl(train_path), prompt, s.sequence_length, s.mask_prompt)
-    val, val_counts = encode_examples(tokenizer, read_jsonl(val_path), prompt, s.sequence_length, s.mask_prompt)
-    log.info("training examples: %s; validation examples: %s", train_counts, val_counts)
-    if train_counts["truncated"]:
-        log.warning("%d of %d training records exceed %d tokens and were truncated", train_counts["truncated"], len(train), s.sequence_length)
+    train, val, train_counts = encode_splits(tokenizer, train_path, val_path, template, s)
 
     widths = bucket_widths(s, train, val, epochs)
     Batches = training_batches()

@@ -13,6 +13,7 @@ compiled once, and each epoch's adapter is loaded into the same variables.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ import numpy as np
 from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.distribution import distributed, shard_batch
 from lorastudy.io import read_jsonl, write_json, write_jsonl
-from lorastudy.lora import AdapterError, load_adapter, read_spec
+from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_adapter, load_padded_adapter, lora_layers, read_spec, set_factors
 from lorastudy.models import attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 class GenerateSettings:
     """The `generate` section of the config (see the schema for each key)."""
 
-    batch_size: int = 16
+    batch_size: int | str = "auto"
     max_new_tokens: int = 128
     protocol: str = "greedy"
     sampler: str = "greedy"
@@ -206,43 +207,53 @@ def generate(
     rank: int | None = None,
     settings: dict[str, Any] | GenerateSettings | None = None,
     compilation_cache: dict[str, Any] | None = None,
+    include_base: bool = False,
 ) -> list[dict[str, Any]]:
-    """Answer every test prompt with the base model, or with each adapter in turn.
+    """Answer every test prompt with the base model and with each adapter in turn.
 
-    The model is loaded and its generation program compiled once; each
-    adapter (every epoch of one finetune run: the same layers and rank) is
-    then loaded into the same LoRA variables, so the compiled program serves
-    them all. Writes one JSON line per record to `out_paths[i]` and timing
-    stats to `stats_paths[i]`, for the base (no adapters) or for `adapters[i]`.
+    The model is loaded and its generation program compiled once. LoRA is
+    enabled once, at the largest rank among the adapters; each adapter is
+    loaded zero-padded into those variables (`load_padded_adapter`) and the
+    base is the same variables at zero, so one compiled program answers for
+    every run: every epoch, rank and seed of a group. Run i writes one JSON
+    line per record to `out_paths[i]` and its timing to `stats_paths[i]`;
+    the runs are the base (first, when `include_base` or without adapters),
+    then `adapters` in order. With `rank`, an adapter of another rank fails,
+    naming the file and both ranks.
     """
     started = time.perf_counter()
     s = settings if isinstance(settings, GenerateSettings) else GenerateSettings(**(settings or {}))
-    with distributed(s.devices, s.model_parallel, s.batch_size, attention_heads(preset)):
-        return _generate_all(preset, test_path, out_paths, stats_paths, template, adapters, rank, s, compilation_cache, started)
+    fixed_batch = None if s.batch_size == "auto" else s.batch_size
+    with distributed(s.devices, s.model_parallel, fixed_batch, attention_heads(preset)):
+        runs = ([None] if include_base or not adapters else []) + list(adapters)
+        return _generate_all(preset, test_path, out_paths, stats_paths, template, runs, rank, s, compilation_cache, started)
 
 
-def _generate_all(preset, test_path, out_paths, stats_paths, template, adapters, rank, s, compilation_cache, started):
+def _generate_all(preset, test_path, out_paths, stats_paths, template, runs, rank, s, compilation_cache, started):
     use_compilation_cache(compilation_cache)
     clock = CompileClock.get()
-    runs = list(adapters) or [None]
     if len(out_paths) != len(runs) or len(stats_paths) != len(runs):
         raise ValueError(f"{len(runs)} runs to answer, but {len(out_paths)} output and {len(stats_paths)} stats paths")
     records = read_jsonl(test_path)
     prompt = PromptTemplate(template)
     prompts = [prompt.prompt(r["instruction"]) for r in records]
-    causal_lm = load_for_generation(preset, runs[0], rank, s)
+    causal_lm = load_with_lora_for(preset, [run for run in runs if run is not None], rank, s)
     tokenizer = causal_lm.preprocessor.tokenizer
-    generator = Generator.for_task(causal_lm, s, prompt)
     prompt_ids = prompt_token_ids(tokenizer, prompts)
     truncated = 0
     if s.max_prompt_tokens is not None:
         truncated = sum(len(row) > s.max_prompt_tokens for row in prompt_ids)
         prompt_ids = [keep_last(row, s.max_prompt_tokens) for row in prompt_ids]
+    s = dataclasses.replace(s, batch_size=resolve_batch_size(s, causal_lm.backbone, prompt_ids))
+    log.info("answering %d prompts in batches of %d for %d runs", len(prompt_ids), s.batch_size, len(runs))
     load_seconds = time.perf_counter() - started
-    all_stats = []
-    for adapter, out_path, stats_path in zip(runs, out_paths, stats_paths):
-        if adapter is not None and adapter != runs[0]:
-            swap_adapter(causal_lm.backbone, adapter, runs[0])
+    all_stats, generator, scale = [], None, None
+    for run, out_path, stats_path in zip(runs, out_paths, stats_paths):
+        run_scale = use_adapter(causal_lm.backbone, run)
+        if generator is None or run_scale != scale:
+            # LoRA's scale is a constant of the compiled program: a new scale, a new program.
+            causal_lm.generate_function = None
+            generator, scale = Generator.for_task(causal_lm, s, prompt), run_scale
         with clock.region() as compiled:
             run_started = time.perf_counter()
             outputs = [generator(prompt_ids, seed) for seed in s.answer_seeds]
@@ -251,7 +262,7 @@ def _generate_all(preset, test_path, out_paths, stats_paths, template, adapters,
         write_jsonl(out_path, rows)
         stats = {
             "preset": str(preset),
-            "adapter": None if adapter is None else str(adapter),
+            "adapter": None if run is None else str(run),
             "prompts": len(rows),
             "batch_size": s.batch_size,
             "protocol": s.protocol,
@@ -270,6 +281,80 @@ def _generate_all(preset, test_path, out_paths, stats_paths, template, adapters,
         log.info("generated %s", stats)
         all_stats.append(stats)
     return all_stats
+
+
+def load_with_lora_for(preset: str | os.PathLike, adapters: Sequence[str | os.PathLike], rank: int | None, settings: GenerateSettings):
+    """The task with its sampler and, for adapters, LoRA enabled once at their largest rank on their layers.
+
+    Every adapter is checked before the model loads: each names its file
+    when its rank is not `rank` (if given) or its layers differ from the first's.
+    """
+    specs = [read_spec(path) for path in adapters]
+    for path, spec in zip(adapters, specs):
+        if rank is not None and spec.rank != rank:
+            raise AdapterError(f"adapter {path} has LoRA rank {spec.rank}, but rank {rank} was asked for; both ranks must match")
+        if sorted(spec.targets) != sorted(specs[0].targets):
+            raise AdapterError(f"adapter {path} adapts {list(spec.targets)}, but {adapters[0]} adapts {list(specs[0].targets)}")
+    causal_lm = load_causal_lm(preset, dtype=dtype_policies(settings.precision, training=False)[0])
+    if specs:
+        enable_lora(causal_lm.backbone, LoraSpec(max(spec.rank for spec in specs), specs[0].targets))
+    causal_lm.compile(sampler=make_sampler(settings))
+    return causal_lm
+
+
+def use_adapter(backbone, adapter: str | os.PathLike | None) -> float:
+    """Load `adapter` into the LoRA variables (None: zeros, the base model); returns its scale."""
+    if adapter is not None:
+        return load_padded_adapter(backbone, adapter).scale
+    layers = lora_layers(backbone) if getattr(backbone, "_lora_enabled_layers", None) else []
+    zeros = [(np.zeros(layer.lora_kernel_a.shape, "float32"), np.zeros(layer.lora_kernel_b.shape, "float32")) for layer in layers]
+    set_factors(layers, zeros)
+    return 1.0
+
+
+# On a CPU, "auto" answers this many prompts at a time: larger batches buy little there.
+CPU_BATCH_SIZE = 16
+
+
+def resolve_batch_size(settings: GenerateSettings, backbone, prompt_ids: Sequence[list[int]]) -> int:
+    """`generate.batch_size`, with "auto" resolved for this device (see `auto_batch_size`)."""
+    if settings.batch_size != "auto":
+        return int(settings.batch_size)
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return min(CPU_BATCH_SIZE, len(prompt_ids))
+    width = round_up(max(len(row) for row in prompt_ids) + settings.max_new_tokens, settings.pad_multiple)
+    free = stats["bytes_limit"] - stats["bytes_in_use"]
+    return auto_batch_size(len(prompt_ids), row_bytes(backbone, width), free)
+
+
+def row_bytes(backbone, width: int) -> int:
+    """Device memory one answer of `width` tokens takes while generating, with room to spare.
+
+    Counted: its key/value cache; the prefill's attention scores of one layer
+    and a few hidden-state buffers; a step's logits. Doubled, for XLA's
+    temporaries that are not counted.
+    """
+    b = backbone
+    item = 2 if "16" in b.dtype_policy.compute_dtype else 4
+    cache = b.num_layers * 2 * width * b.num_key_value_heads * b.head_dim * item
+    prefill = b.num_query_heads * width * width * 4 + 4 * width * b.hidden_dim * 4
+    logits = 2 * b.vocabulary_size * 4
+    return 2 * (cache + prefill + logits)
+
+
+def auto_batch_size(prompts: int, per_row: int, free: int, multiple: int = 1) -> int:
+    """The batch for `prompts` answers when each takes `per_row` bytes and `free` bytes are free.
+
+    Every prompt at once if half of the free memory holds them; else as few
+    batches as fit, of equal size (so the last is not mostly filler), each a
+    multiple of `multiple` (the data-parallel devices).
+    """
+    fit = max(multiple, int(0.5 * free // per_row) // multiple * multiple)
+    batches = -(-prompts // fit)
+    return min(fit, round_up(-(-prompts // batches), multiple))
 
 
 def answer_rows(records, prompts, prompt_ids, outputs, tokenizer) -> list[dict[str, Any]]:
@@ -312,11 +397,3 @@ def timing(new_tokens: int, seconds: float, compiled: Spent) -> dict[str, Any]:
         "new_tokens_per_second": new_tokens / seconds if seconds else None,
         "steady_new_tokens_per_second": new_tokens / steady if steady > 0 else None,
     }
-
-
-def swap_adapter(backbone, adapter: str | os.PathLike, first: str | os.PathLike) -> None:
-    """Load another adapter of the same layers and rank into LoRA variables already in place."""
-    spec, expected = read_spec(adapter), read_spec(first)
-    if spec != expected:
-        raise AdapterError(f"adapter {adapter} is {spec}, but this job's first adapter {first} is {expected}")
-    backbone.load_lora_weights(str(adapter))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from lorastudy.io import atomic_path
 
@@ -77,6 +78,46 @@ def enable_lora(backbone, spec: LoraSpec, dtype_policy: str | None = None) -> li
     return layers
 
 
+def initial_factors(layers: Sequence, rank: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each LoRA layer's starting (A, B) at `rank`: A He-uniform (Keras's LoRA default), B zero.
+
+    Drawn from `seed` alone, not from Keras's global random state, so that a
+    run starts from the same adapter whether it trains alone or beside
+    others of other ranks (`lorastudy.stacked`), whatever was drawn before.
+    """
+    import keras
+
+    draw = keras.initializers.HeUniform(seed=keras.random.SeedGenerator(seed))
+    return [
+        (
+            np.asarray(draw((*layer.lora_kernel_a.shape[:-1], rank), "float32")),
+            np.zeros((rank, layer.lora_kernel_b.shape[-1]), "float32"),
+        )
+        for layer in layers
+    ]
+
+
+def set_factors(layers: Sequence, factors: Sequence[tuple[np.ndarray, np.ndarray]], scale: float = 1.0) -> None:
+    """Put each layer's (A, B) into its LoRA variables, zero-padded up to the variables' rank.
+
+    The padding adds nothing to A·B, so a rank-r adapter in variables of a
+    larger rank computes what it computes alone; `scale` (alpha / rank of
+    the adapter) is set on each layer as KerasHub reads it, alpha / rank of
+    the variables.
+    """
+    for layer, (a, b) in zip(layers, factors, strict=True):
+        layer.lora_kernel_a.assign(pad_rank(a, layer.lora_rank, axis=-1))
+        layer.lora_kernel_b.assign(pad_rank(b, layer.lora_rank, axis=0))
+        layer.lora_alpha = scale * layer.lora_rank
+
+
+def pad_rank(factor: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    """`factor` with zeros appended along its rank axis up to `rank`."""
+    widths = [(0, 0)] * factor.ndim
+    widths[axis] = (0, rank - factor.shape[axis])
+    return np.pad(factor, widths)
+
+
 def lora_layers(backbone) -> list:
     """The LoRA-enabled layers, in the order KerasHub indexes them in a `.lora.h5` file."""
     with_weights = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
@@ -89,6 +130,63 @@ def save_adapter(backbone, spec: LoraSpec, path: str | os.PathLike) -> None:
         backbone.save_lora_weights(str(tmp))
         with h5py.File(tmp, "a") as f:
             f.create_group("lorastudy").attrs["spec"] = spec.to_json()
+
+
+def write_adapter(path: str | os.PathLike, spec: LoraSpec, layer_indices: Sequence[int], factors: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write factors held outside a backbone as `save_adapter` writes a backbone's: KerasHub's layout, plus the spec.
+
+    `layer_indices` are KerasHub's (`backbone._lora_enabled_layers`), in the
+    order of `lora_layers`; each (A, B) is cut to the spec's rank.
+    """
+    from keras.src.saving.saving_lib import H5IOStore
+
+    with atomic_path(path, suffix=".lora.h5") as tmp:
+        store = H5IOStore(str(tmp), mode="w")
+        store.make("lora")["rank"] = spec.rank
+        for index, (a, b) in zip(layer_indices, factors, strict=True):
+            inner = store.make(f"lora/{index}")
+            inner["lora_kernel_a"] = np.asarray(a)[..., : spec.rank]
+            inner["lora_kernel_b"] = np.asarray(b)[: spec.rank]
+        store.close()
+        with h5py.File(tmp, "a") as f:
+            f.create_group("lorastudy").attrs["spec"] = spec.to_json()
+
+
+def read_factors(path: str | os.PathLike, layer_indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each layer's (A, B) from an adapter file, in the order of `layer_indices`."""
+    from keras.src.saving.saving_lib import H5IOStore
+
+    store = H5IOStore(str(path), mode="r")
+    try:
+        # One entry at a time: an entry reads through the store's current group.
+        return [_factors(store.get(f"lora/{i}")) for i in layer_indices]
+    except (KeyError, ValueError) as error:
+        raise AdapterError(f"adapter {path} does not hold the LoRA layers of this model ({error})") from None
+    finally:
+        store.close()
+
+
+def _factors(entry) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(entry["lora_kernel_a"]), np.asarray(entry["lora_kernel_b"])
+
+
+def load_padded_adapter(backbone, path: str | os.PathLike) -> LoraSpec:
+    """Load an adapter into LoRA variables already enabled at its rank or a larger one (zero-padded).
+
+    One set of variables, enabled once at the largest rank of a job, then
+    serves adapters of every rank, and one compiled program answers for all
+    of them. The adapter must adapt the same layers as the variables.
+    """
+    spec = read_spec(path)
+    layers = lora_layers(backbone)
+    enabled = sorted({layer.name for layer in layers})
+    if sorted(spec.targets) != enabled or spec.rank > layers[0].lora_rank:
+        raise AdapterError(
+            f"adapter {path} is {spec}, but this model has LoRA on {enabled} at rank {layers[0].lora_rank}; "
+            "the layers must match and the rank be at most that"
+        )
+    set_factors(layers, read_factors(path, backbone._lora_enabled_layers), spec.scale)
+    return spec
 
 
 def read_spec(path: str | os.PathLike) -> LoraSpec:

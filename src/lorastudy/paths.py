@@ -31,6 +31,38 @@ RUN = JOB + "_epoch{epoch}"
 CELL = "{subset}_r{rank}_epoch{epoch}"
 
 
+# With jobs grouped (the default), one finetune job trains every run of a
+# model and subset, and keeps its resume state here.
+GROUP_CHECKPOINTS = "results/finetune/{model}/{subset}_checkpoints"
+
+
+class _Keep(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def fill(pattern: str, **values) -> str:
+    """`pattern` with the given wildcards filled in and every other one kept as a wildcard."""
+    return pattern.format_map(_Keep(values))
+
+
+def group_runs(model: str, subset: str, ranks, seeds, epochs: int) -> list[dict]:
+    """The runs one grouped finetune job trains: each rank × seed, with its files (an adapter per epoch 1..epochs)."""
+    where = lambda rank, seed: {"model": model, "subset": subset, "rank": rank, "seed": seed}  # noqa: E731
+    return [
+        {
+            "name": JOB.format(**where(rank, seed)),
+            "rank": int(rank),
+            "seed": int(seed),
+            "adapter_paths": [ADAPTER.format(**where(rank, seed), epoch=e) for e in range(1, epochs + 1)],
+            "history_path": HISTORY.format(**where(rank, seed)),
+            "stats_path": TRAIN_STATS.format(**where(rank, seed)),
+        }
+        for rank in ranks
+        for seed in seeds
+    ]
+
+
 def run_name(subset: str, rank: int, seed: int, epoch: int) -> str:
     return RUN.format(subset=subset, rank=rank, seed=seed, epoch=epoch)
 

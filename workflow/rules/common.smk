@@ -86,6 +86,29 @@ FINETUNE_JOBS = sorted(
 )
 
 
+# The runs of a group (one model and subset) that a grouped finetune job trains.
+GROUP = [(rank, seed) for rank in GRID["ranks"] for seed in GRID["seeds"]]
+
+
+def group_files(pattern, subsets=("{subset}",), epochs=(None,)):
+    return [
+        paths.fill(pattern, subset=subset, rank=rank, seed=seed, epoch=epoch)
+        for subset in subsets
+        for rank, seed in GROUP
+        for epoch in epochs
+    ]
+
+
+def runs_of_group(wildcards):
+    return paths.group_runs(
+        wildcards.model,
+        wildcards.subset,
+        GRID["ranks"],
+        GRID["seeds"],
+        max(GRID["epochs"]),
+    )
+
+
 def run_files(pattern):
     return [pattern.format(model=r["model"], run=r["run"]) for r in RUNS]
 

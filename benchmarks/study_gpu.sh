@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 25's study benchmark on the lent GPU machine: the mini grid
+# (benchmarks/configs/gpu_2b_shape.yaml over config/config.yaml) through
+# Snakemake, as a user runs it, with this checkout (jobs grouped, the default)
+# and with the version before it (its checkout in $OLD, e.g. `git archive
+# 1ca91ac | tar -x -C .old`), each from an empty compilation cache and again
+# warm; benchmarks/job_overhead.py records each job's split and GPU busy.
+# The sequence runs longer than one device call: `start` launches it in a
+# session of its own and `wait` follows it over later calls (/tmp stays
+# while the machine is warm). Wheels of what the image lacks: .whl/.
+#   [STEPS="new_cold new_warm old_cold old_warm new_cold_paper9 old_cold_paper3"] [OLD=.old] \
+#       bash benchmarks/study_gpu.sh start|wait
+set -euo pipefail
+out=${OUT:-/tmp/study_out}
+results=/tmp/study_results
+mkdir -p "$out" "$results"
+case $1 in
+  start) setsid nohup bash "$0" sequence > /tmp/study.out 2>&1 < /dev/null & sleep 5 ;;
+  sequence)
+    export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+    site=/tmp/site
+    [ -d $site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
+    data=/tmp/dolly_full.jsonl
+    [ -f $data ] || PYTHONPATH=tests python3 -c "from pathlib import Path; from dolly_like import make_dolly_full_size as m; m(Path('$data'))"
+    export LORASTUDY_DOLLY_JSONL=$data
+    old=$(realpath "${OLD:-.old}")
+    # A step is VERSION_CACHE (mini grid) or VERSION_CACHE_paper9 / _paper3: the paper's 1k cell
+    # with three seeds (9 runs) or one (3 runs), over config/paper.yaml and paper_2b_shape.yaml.
+    for step in ${STEPS:-new_cold new_warm old_cold old_warm}; do
+      IFS=_ read -r version warmth grid <<< "$step"
+      cache=/tmp/jax_cache_$version
+      checkout=$PWD; [ "$version" = old ] && checkout=$old
+      [ "$warmth" = cold ] && rm -rf "$cache"
+      printf 'compilation_cache: {dir: %s}\n' "$cache" > /tmp/cache_$version.yaml
+      case $grid in
+        "") configs=("$checkout/benchmarks/configs/gpu_2b_shape.yaml") ;;
+        paper9|paper3) layer=$PWD/benchmarks/configs/paper_1k_three_seeds.yaml
+          [ "$grid" = paper3 ] && layer=$PWD/benchmarks/configs/paper_1k_one_seed.yaml
+          configs=("$checkout/config/paper.yaml" "$checkout/benchmarks/configs/paper_2b_shape.yaml" "$layer") ;;
+      esac
+      rm -rf /tmp/wf_$step
+      PYTHONPATH=$site:$checkout/src python3 benchmarks/job_overhead.py workflow --checkout "$checkout" \
+        --workdir /tmp/wf_$step --label "$step" --out $results -- --cores all --resources gpu=1 \
+        --configfile "${configs[@]}" /tmp/cache_$version.yaml
+      tail -n 1 $results/results.jsonl | cut -c1-300
+    done
+    touch /tmp/study.done ;;
+  wait) for _ in $(seq "${2:-100}"); do [ -f /tmp/study.done ] && break; sleep 5; done ;;
+esac
+tail -n 8 /tmp/study.out | cut -c1-400
+cp -r $results/* "$out"/ 2>/dev/null || true
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true

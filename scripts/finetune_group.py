@@ -1,0 +1,13 @@
+from lorastudy.gpus import claimed_gpus
+from lorastudy.logs import logging_to
+from lorastudy.stacked import GroupRun, finetune_group
+
+params = dict(snakemake.params)
+with logging_to(snakemake.log[0]), claimed_gpus(params.pop("gpus")):
+    finetune_group(
+        snakemake.input.preset,
+        train_path=snakemake.input.train,
+        val_path=snakemake.input.val,
+        runs=[GroupRun(**run) for run in params.pop("runs")],
+        **params,
+    )

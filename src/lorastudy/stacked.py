@@ -1,0 +1,548 @@
+"""Adapters trained side by side on one frozen base: one finetune job for a group of runs.
+
+The runs of a grid that share a model and a training subset differ only in
+their adapters (rank, seed). Trained one process each, every run loads the
+base, compiles its programs and feeds the GPU a few rows at a time. Here one
+process loads the base once and trains every adapter of the group at once:
+the training step of one run (the model, loss and optimizer of
+`lorastudy.finetune`, through Keras's stateless API) is mapped over the
+adapters with `jax.vmap`, the frozen weights shared. The base's matrix
+products see one batch as many times taller; each adapter keeps its own
+factors, optimizer state, gradient clipping and loss average, and its own
+batches (its seed's order). A step's rows are padded to the widest of the
+runs' batches at that step; padding is masked, so it changes no result.
+
+Ranks may differ: every adapter lives in variables of the group's largest
+rank, zero-padded. The padding adds nothing to A·B and its gradients are
+zero, so it stays zero under AdamW. Each adapter is therefore the one its
+separate run gives, to rounding (tests/test_stacked.py). LoRA's scale
+(alpha / rank) is a constant of the compiled step, so adapters of different
+scales (a fixed `lora_alpha` with several ranks) train in separate waves of
+the same process.
+
+A wave holds as many adapters as fit the device: the step for the widest
+batch is compiled first and its temporary memory checked against what the
+device has free, halving the wave until it fits (`train.stack_size`).
+Each run's files are those of a separate run (adapters per epoch,
+history.csv, train.json), so scoring and the report do not change. An
+adapter whose loss turns non-finite stops alone (its updates are masked from
+that step on), is named in the log, and the others finish; the job then
+fails naming it. Each finished epoch leaves a checkpoint of the wave, so a
+killed job resumes after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorastudy.checkpoints import fingerprint
+from lorastudy.compilation import CompileClock, use_compilation_cache
+from lorastudy.finetune import (
+    NonFiniteLossError,
+    TrainSettings,
+    bucket_widths,
+    encode_splits,
+    make_optimizer,
+    peak_memory,
+    write_history,
+)
+from lorastudy.io import atomic_path, write_json
+from lorastudy.lora import LoraSpec, enable_lora, initial_factors, lora_layers, pad_rank, write_adapter
+from lorastudy.models import architecture, dtype_policies, load_causal_lm
+from lorastudy.tokens import Batch, Example, collate, pack_rows, plan_batches, plan_packed_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    """One run of a group: its adapter's rank and seed, and its files (an adapter per epoch)."""
+
+    name: str
+    rank: int
+    seed: int
+    adapter_paths: tuple[str, ...]
+    history_path: str
+    stats_path: str
+
+
+def finetune_group(
+    preset: str | os.PathLike,
+    train_path: str | os.PathLike,
+    val_path: str | os.PathLike,
+    runs: Sequence[GroupRun],
+    template: str,
+    checkpoint_dir: str | os.PathLike,
+    settings: dict[str, Any] | TrainSettings | None = None,
+    compilation_cache: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every run's adapter side by side on one load of `preset`; write each run's files.
+
+    `settings` is the `train` section (its `seed` is ignored: each run has
+    its own). Returns each run's statistics, as written to its train.json.
+    """
+    started = time.perf_counter()
+    s = settings if isinstance(settings, TrainSettings) else TrainSettings(**(settings or {}))
+    epochs = {len(run.adapter_paths) for run in runs}
+    if len(epochs) != 1:
+        raise ValueError(f"the runs of a group train the same epochs; got {sorted(epochs)}")
+    use_compilation_cache(compilation_cache)
+    group = _Group.load(preset, train_path, val_path, runs, template, s, epochs.pop())
+    trainer = _Trainer(group, Path(checkpoint_dir), started)
+    stats = [trainer.train(wave) for wave in waves_by_scale(runs, s.lora_alpha)]
+    results = [run_stats for wave in stats for run_stats in wave]
+    failed = [r["run"] for r in results if r.get("failed")]
+    if failed:
+        raise NonFiniteLossError(
+            f"the loss of {', '.join(failed)} became NaN or infinite; the other runs of the group finished and were "
+            f"written, and {checkpoint_dir} keeps them for a rerun. Lower train.learning_rate or set train.clip_norm."
+        )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return results
+
+
+def without_fused_attention(backbone) -> None:
+    """Attention through XLA rather than cuDNN's fused kernel, for steps mapped over adapters.
+
+    JAX's batching rule for the cuDNN kernel cannot map a mask that
+    broadcasts over heads (jax 0.11 reshapes it to [batch, heads, ...] and
+    fails), so under `vmap` Keras tries it, logs the traceback and falls
+    back to XLA at every trace. Saying so up front skips the failing attempt.
+    """
+    for layer in backbone._flatten_layers(include_self=False):
+        if hasattr(layer, "_use_fused_attention_op"):
+            layer._use_fused_attention_op = lambda: False
+
+
+def waves_by_scale(runs: Sequence[GroupRun], alpha: float | None) -> list[list[GroupRun]]:
+    """The runs split by LoRA scale (alpha / rank), which is a constant of a compiled step: one wave without a fixed alpha."""
+    scales: dict[float, list[GroupRun]] = {}
+    for run in runs:
+        scales.setdefault(1.0 if alpha is None else alpha / run.rank, []).append(run)
+    return list(scales.values())
+
+
+# --------------------------------------------------------------------------
+# the group: base, data and programs shared by every wave
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    preset: str
+    settings: TrainSettings
+    template: str
+    epochs: int
+    causal_lm: Any
+    model: Any  # the training model (lorastudy.loss.response_loss_model)
+    layers: list
+    rank: int  # of the variables: the group's largest
+    train: list[Example]
+    val: list[Example]
+    counts: dict[str, int]
+    widths: list[int]
+    pad_id: int
+    files: list[str]
+    dtype: str
+
+    @classmethod
+    def load(cls, preset, train_path, val_path, runs, template, s: TrainSettings, epochs: int) -> _Group:
+        from lorastudy.loss import response_loss_model
+
+        dtype, lora_policy = dtype_policies(s.precision, training=True)
+        causal_lm = load_causal_lm(preset, dtype=dtype)
+        rank = max(run.rank for run in runs)
+        layers = enable_lora(causal_lm.backbone, LoraSpec(rank, s.lora_targets), lora_policy)
+        without_fused_attention(causal_lm.backbone)
+        tokenizer = causal_lm.preprocessor.tokenizer
+        train, val, counts = encode_splits(tokenizer, train_path, val_path, template, s)
+        widths = bucket_widths(s, train, val, epochs, runs=len(runs))
+        model = response_loss_model(causal_lm, segments=s.packing)
+        files = [str(train_path), str(val_path), str(Path(preset) / "config.json")]
+        return cls(str(preset), s, template, epochs, causal_lm, model, layers, rank, train, val, counts, widths,
+                   tokenizer.pad_token_id, files, dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}")
+
+    def plan(self, seed: int | None, epoch: int, examples: Sequence[Example]) -> list[Batch]:
+        """One run's batches of an epoch, exactly as its separate run orders them (`training_batches`)."""
+        s = self.settings
+        rng = None if seed is None else np.random.default_rng([seed, epoch])
+        if s.packing:
+            return plan_packed_batches(self._packed_rows(examples), self.widths[0], s.batch_size, rng)
+        return plan_batches([ex.length for ex in examples], self.widths, s.batch_size, rng)
+
+    def _packed_rows(self, examples):
+        key = "_rows_val" if examples is self.val else "_rows_train"
+        if not hasattr(self, key):
+            setattr(self, key, pack_rows([ex.length for ex in examples], self.widths[0]))
+        return getattr(self, key)
+
+    def stack(self, batches: Sequence[Batch], examples: Sequence[Example]) -> dict[str, np.ndarray]:
+        """The runs' batches of one step, padded to the widest of them: [runs, batch, width] arrays."""
+        width = max(b.width for b in batches)
+        inputs = [collate([[examples[i] for i in row] for row in b.rows], width, self.pad_id, b.real)[0] for b in batches]
+        return {key: np.stack([x[key] for x in inputs]) for key in inputs[0]}
+
+
+# --------------------------------------------------------------------------
+# the stacked step
+# --------------------------------------------------------------------------
+
+
+def stacked_steps(model, optimizer):
+    """The jitted training and validation steps of one run, mapped over a leading adapter axis.
+
+    Training: (trainable, optimizer state, alive, frozen, batch) ->
+    (trainable, optimizer state, alive, [loss, correct, tokens]) per adapter;
+    the frozen weights are shared, everything else has the adapter axis.
+    An adapter whose loss is not finite keeps its weights and state from
+    then on (`alive` turns false). Validation: (trainable, frozen, batch) ->
+    [loss, correct, tokens] per adapter, for one batch shared by all.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def statistics(trainable, frozen, batch, training):
+        rows, _ = model.stateless_call(trainable, frozen, batch, training=training)
+        tokens = jnp.sum(batch["loss_weights"])
+        # batch_mean_loss and TokenAccuracy, as Keras's fit computes them.
+        return jnp.sum(rows[:, 0]) / jnp.maximum(tokens, 1e-9), jnp.sum(rows[:, 1]), tokens
+
+    def loss(trainable, frozen, batch):
+        mean, correct, tokens = statistics(trainable, frozen, batch, True)
+        return mean, (correct, tokens)
+
+    def train_one(trainable, state, alive, frozen, batch):
+        (mean, (correct, tokens)), grads = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, batch)
+        new_trainable, new_state = optimizer.stateless_apply(state, grads, trainable)
+        alive = alive & jnp.isfinite(mean)
+        keep = lambda new, old: [jnp.where(alive, n, o) for n, o in zip(new, old)]  # noqa: E731
+        return keep(new_trainable, trainable), keep(new_state, state), alive, jnp.stack([mean, correct, tokens])
+
+    def validate_one(trainable, frozen, batch):
+        return jnp.stack(statistics(trainable, frozen, batch, False))
+
+    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
+    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)))
+    return train, validate
+
+
+def fits_device(compiled, device) -> tuple[bool, int | None, int | None]:
+    """Whether a compiled step's temporary memory fits what `device` has free (always on a CPU): (fits, needed, free)."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return True, None, None
+    analysis = compiled.memory_analysis()
+    needed = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+    free = int(stats["bytes_limit"] - stats["bytes_in_use"])
+    return needed <= 0.9 * free, needed, free
+
+
+# --------------------------------------------------------------------------
+# a wave: the adapters trained together, epoch by epoch
+# --------------------------------------------------------------------------
+
+
+class _Trainer:
+    def __init__(self, group: _Group, checkpoint_dir: Path, started: float):
+        self.group, self.checkpoint_dir, self.started = group, checkpoint_dir, started
+        self.clock = CompileClock.get()
+        self.load_seconds: float | None = None
+
+    def train(self, runs: Sequence[GroupRun]) -> list[dict[str, Any]]:
+        """Train one wave (one LoRA scale), split further where the device's memory asks; each run's stats."""
+        g, s = self.group, self.group.settings
+        spec = [LoraSpec(run.rank, s.lora_targets, s.lora_alpha) for run in runs]
+        for layer in g.layers:
+            layer.lora_alpha = spec[0].scale * g.rank
+        size = len(runs) if s.stack_size == "auto" else min(len(runs), int(s.stack_size))
+        done: list[dict[str, Any]] = []
+        while len(done) < len(runs):
+            part = runs[len(done) : len(done) + size]
+            result = _Wave(self, part).train(adaptive=s.stack_size == "auto")
+            if result is None:  # did not fit the device
+                size = max(1, len(part) // 2)
+                log.info("%d adapters side by side do not fit the device; trying %d", len(part), size)
+                continue
+            done += result
+        return done
+
+
+class _Wave:
+    """Adapters trained together: their stacked weights, optimizer state and bookkeeping."""
+
+    def __init__(self, trainer: _Trainer, runs: Sequence[GroupRun]):
+        import jax
+        import jax.numpy as jnp
+
+        self.trainer, self.runs, self.group = trainer, list(runs), trainer.group
+        g, s = self.group, self.group.settings
+        self.steps_per_epoch = len(g.plan(0, 0, g.train))
+        total_steps = g.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(s, total_steps)
+        self.optimizer.build(g.model.trainable_variables)
+        self.slots = _factor_slots(g.model.trainable_variables, g.layers)
+        starts = [initial_factors(g.layers, run.rank, run.seed) for run in self.runs]
+        self.trainable = [jnp.asarray(np.stack([pad_rank(f[j][ab], g.rank, -1 if ab == 0 else 0) for f in starts]))
+                          for j, ab in self.slots]
+        k = len(self.runs)
+        self.state = [jnp.broadcast_to(v.value, (k, *v.shape)) + 0 for v in self.optimizer.variables]
+        self.alive = jnp.ones((k,), bool)
+        self.frozen = [v.value for v in g.model.non_trainable_variables]
+        self.train_step, self.validate_step = stacked_steps(g.model, self.optimizer)
+        self.programs: dict[int, Any] = {}
+        self.history: list[list[dict[str, Any]]] = [[] for _ in self.runs]
+        self.times = dict.fromkeys(("train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds"), 0.0)
+        self.failed: dict[int, str] = {}
+        self.epochs_done = 0
+        self.device = jax.devices()[0]
+        key = [g.preset, [dataclasses.asdict(r) | {"stats_path": None} for r in self.runs], g.template,
+               dataclasses.asdict(s), g.dtype, g.rank]
+        self.checkpoint = _WaveCheckpoint(trainer.checkpoint_dir / _wave_name(self.runs), fingerprint(*key, files=g.files))
+
+    # -- training ----------------------------------------------------------
+
+    def train(self, adaptive: bool) -> list[dict[str, Any]] | None:
+        g = self.group
+        if self.trainer.load_seconds is None:
+            self.trainer.load_seconds = time.perf_counter() - self.trainer.started
+        resumed = self.checkpoint.restore(self)
+        if resumed:
+            log.info("resuming %s after epoch %d of %d from %s", _wave_name(self.runs), resumed, g.epochs, self.checkpoint.dir)
+        elif adaptive and len(self.runs) > 1 and not self._fits():
+            return None
+        log.info("training %d adapters side by side: %s", len(self.runs), ", ".join(r.name for r in self.runs))
+        for epoch in range(resumed, g.epochs):
+            self._epoch(epoch)
+            self._validate(epoch)
+            self.checkpoint.save(self, epoch + 1)
+        return [self._finish(k) for k in range(len(self.runs))]
+
+    def _fits(self) -> bool:
+        """Compile the step at the widest width and check its memory against the device's free memory."""
+        g, began = self.group, time.perf_counter()
+        batch = g.stack(g.plan(0, 0, g.train)[:1] * len(self.runs), g.train)
+        widest = {key: np.zeros((*value.shape[:2], g.widths[-1]), value.dtype) for key, value in batch.items()}
+        program = self._program(widest)
+        # Compiled for training, so counted in training's time (and its compilation's).
+        self.times["train_seconds"] += time.perf_counter() - began
+        fits, needed, free = fits_device(program, self.device)
+        if needed is not None:
+            log.info("%d adapters side by side: the widest step needs %.2f GiB, %.2f GiB free", len(self.runs), needed / 2**30, free / 2**30)
+        return fits
+
+    def _program(self, batch):
+        """The compiled training step for this batch's width (compiled ahead, so its memory can be read)."""
+        width = batch["token_ids"].shape[-1]
+        if width not in self.programs:
+            args = (self.trainable, self.state, self.alive, self.frozen, batch)
+            with self.trainer.clock.region() as spent:
+                self.programs[width] = self.train_step.lower(*args).compile()
+            self.times["train_compile_seconds"] += spent.seconds
+        return self.programs[width]
+
+    def _epoch(self, epoch: int) -> None:
+        import jax.numpy as jnp
+
+        g, s = self.group, self.group.settings
+        plans = [g.plan(run.seed, epoch, g.train) for run in self.runs]
+        began = time.perf_counter()
+        stats, logged = [], 0
+        for step in range(self.steps_per_epoch):
+            batch = g.stack([plan[step] for plan in plans], g.train)
+            program = self._program(batch)
+            self.trainable, self.state, self.alive, row = program(self.trainable, self.state, self.alive, self.frozen, batch)
+            stats.append(row)
+            if (step + 1) % s.log_every_n_steps == 0:
+                self._log_steps(epoch, step + 1, np.asarray(jnp.stack(stats[logged:])))
+                logged = step + 1
+        self.epoch_stats = np.asarray(jnp.stack(stats))  # [steps, adapters, (loss, correct, tokens)]
+        self.times["train_seconds"] += time.perf_counter() - began
+
+    def _log_steps(self, epoch: int, step: int, window: np.ndarray) -> None:
+        for k, run in enumerate(self.runs):
+            if k in self.failed:
+                continue
+            loss, acc = _means(window[:, k])
+            row = {"epoch": epoch + 1, "step": epoch * self.steps_per_epoch + step, "kind": "steps", "loss": loss, "accuracy": acc}
+            self.history[k].append(row)
+            log.info("%s: epoch %d step %d: loss %.4f accuracy %.4f", run.name, epoch + 1, row["step"], loss, acc)
+
+    def _validate(self, epoch: int) -> None:
+        import jax.numpy as jnp
+
+        g = self.group
+        began = time.perf_counter()
+        with self.trainer.clock.region() as spent:
+            # One batch shared by every adapter: the [1, batch, width] stack of one, without its first axis.
+            batches = [{key: x[0] for key, x in g.stack([b], g.val).items()} for b in g.plan(None, 0, g.val)]
+            val = np.asarray(jnp.stack([self.validate_step(self.trainable, self.frozen, b) for b in batches]))
+        self.times["validation_seconds"] += time.perf_counter() - began
+        self.times["validation_compile_seconds"] += spent.seconds
+        alive = np.asarray(self.alive)
+        steady = (self.times["train_seconds"] - self.times["train_compile_seconds"]) / len(self.runs)
+        for k, run in enumerate(self.runs):
+            if k in self.failed:
+                continue
+            loss, acc = _means(self.epoch_stats[:, k])
+            val_loss, val_acc = _means(val[:, k])
+            if not (alive[k] and math.isfinite(val_loss)):
+                self.failed[k] = f"epoch {epoch + 1}"
+                log.error("%s: the loss became NaN or infinite in epoch %d; this adapter stops here, the others go on", run.name, epoch + 1)
+                continue
+            self.history[k].append({
+                "epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch, "kind": "epoch",
+                # A run's share of the wave's time: the wave's seconds over its adapters.
+                "train_seconds": self.times["train_seconds"] / len(self.runs), "steady_train_seconds": steady,
+                "loss": loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
+            })
+        self.epochs_done = epoch + 1
+
+    # -- outputs -------------------------------------------------------------
+
+    def factors(self, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Adapter k's (A, B) per layer, at the variables' rank."""
+        by_slot = {slot: np.asarray(value[k]) for slot, value in zip(self.slots, self.trainable)}
+        return [(by_slot[(j, 0)], by_slot[(j, 1)]) for j in range(len(self.group.layers))]
+
+    def publish(self, k: int, epoch: int) -> None:
+        run = self.runs[k]
+        with atomic_path(run.adapter_paths[epoch - 1], suffix=".lora.h5") as tmp:
+            shutil.copyfile(self.checkpoint.adapter(run, epoch), tmp)
+
+    def _finish(self, k: int) -> dict[str, Any]:
+        import jax
+
+        g, s, run, t = self.group, self.group.settings, self.runs[k], self.times
+        if k in self.failed:
+            return {"run": run.name, "failed": self.failed[k]}
+        n = len(self.runs)
+        share = {key: value / n for key, value in t.items()}
+        steady = share["train_seconds"] - share["train_compile_seconds"]
+        tokens_per_epoch = sum(ex.length for ex in g.train)
+        spec = LoraSpec(run.rank, s.lora_targets, s.lora_alpha)
+        stats = {
+            "preset": g.preset,
+            "architecture": architecture(g.causal_lm.backbone),
+            "rank": run.rank,
+            "seed": run.seed,
+            "lora_targets": list(spec.targets),
+            "lora_alpha": spec.alpha if spec.alpha is not None else run.rank,
+            "epochs": g.epochs,
+            "resumed_from_epoch": self.checkpoint.resumed_from,
+            "dtype": g.dtype,
+            "device": str(jax.devices()[0].device_kind),
+            "devices": 1,
+            "model_parallel": 1,
+            "backend": jax.default_backend(),
+            "trainable_parameters": int(sum(a[..., : run.rank].size + b[: run.rank].size for a, b in self.factors(k))),
+            "total_parameters": int(g.causal_lm.backbone.count_params()),
+            "training_records": g.counts["records"],
+            "training_examples": len(g.train),
+            "truncated_examples": g.counts["truncated"],
+            "skipped_examples": g.counts["skipped"],
+            "validation_examples": len(g.val),
+            "steps": g.epochs * self.steps_per_epoch,
+            "batch_widths": g.widths,
+            "packing": s.packing,
+            "tokens_seen": tokens_per_epoch * g.epochs,
+            "loss_tokens_seen": int(sum(ex.loss_weights.sum() for ex in g.train)) * g.epochs,
+            # A run's share of its wave: the wave's seconds over its adapters.
+            **share,
+            "steady_train_seconds": steady,
+            "tokens_per_second": tokens_per_epoch * g.epochs / share["train_seconds"] if share["train_seconds"] else None,
+            "steady_tokens_per_second": tokens_per_epoch * g.epochs / steady if steady > 0 else None,
+            "runs_side_by_side": n,
+            "wave": [r.name for r in self.runs],
+            "wave_seconds": t,
+            "load_seconds_this_run": self.trainer.load_seconds,
+            "compiled_programs_this_run": len(self.programs),
+            "wall_seconds_this_run": time.perf_counter() - self.trainer.started,
+            "epochs_trained_this_run": g.epochs - self.checkpoint.resumed_from,
+            **peak_memory(),
+        }
+        write_history(run.history_path, self.history[k])
+        write_json(run.stats_path, stats)
+        log.info("%s finished: %s", run.name, stats)
+        return stats
+
+
+def _means(rows: np.ndarray) -> tuple[float, float]:
+    """The mean batch loss and the token accuracy of [steps, (loss, correct, tokens)] rows."""
+    return float(np.mean(rows[:, 0])), float(rows[:, 1].sum() / max(rows[:, 2].sum(), 1e-9))
+
+
+def _factor_slots(trainable_variables, layers) -> list[tuple[int, int]]:
+    """(layer, 0 for A / 1 for B) of each trainable variable of the training model."""
+    where = {id(layer.lora_kernel_a): (j, 0) for j, layer in enumerate(layers)}
+    where |= {id(layer.lora_kernel_b): (j, 1) for j, layer in enumerate(layers)}
+    unknown = [v.path for v in trainable_variables if id(v) not in where]
+    if unknown:
+        raise ValueError(f"only LoRA factors may train, but these variables are trainable too: {unknown}")
+    return [where[id(v)] for v in trainable_variables]
+
+
+def _wave_name(runs: Sequence[GroupRun]) -> str:
+    return "+".join(run.name for run in runs)
+
+
+class _WaveCheckpoint:
+    """A wave's resume state after each epoch: each run's adapter, the stacked arrays, the bookkeeping.
+
+    Kept beside the runs' outputs (Snakemake deletes a job's outputs before
+    it reruns it); every file is written atomically, the JSON last, and a
+    fingerprint of the inputs and settings guards against resuming changed work.
+    """
+
+    def __init__(self, directory: Path, key: str):
+        self.dir, self.key, self.resumed_from = directory, key, 0
+
+    def adapter(self, run: GroupRun, epoch: int) -> Path:
+        return self.dir / run.name / f"adapter_epoch{epoch}.lora.h5"
+
+    def save(self, wave: _Wave, epoch: int) -> None:
+        g = wave.group
+        for k, run in enumerate(wave.runs):
+            if k not in wave.failed:
+                spec = LoraSpec(run.rank, g.settings.lora_targets, g.settings.lora_alpha)
+                write_adapter(self.adapter(run, epoch), spec, g.causal_lm.backbone._lora_enabled_layers, wave.factors(k))
+                wave.publish(k, epoch)
+        with atomic_path(self.dir / "arrays.npz", suffix=".npz") as tmp:
+            np.savez(tmp, *[np.asarray(x) for x in (*wave.trainable, *wave.state, wave.alive)])
+        state = {"fingerprint": self.key, "epoch": epoch, "history": wave.history, "times": wave.times,
+                 "failed": {str(k): v for k, v in wave.failed.items()}}
+        write_json(self.dir / "state.json", state)
+        log.info("epoch %d: adapters of %s saved", epoch, _wave_name(wave.runs))
+
+    def restore(self, wave: _Wave) -> int:
+        import jax.numpy as jnp
+
+        path = self.dir / "state.json"
+        if not path.is_file():
+            return 0
+        state = json.loads(path.read_text())
+        if state["fingerprint"] != self.key:
+            return 0
+        with np.load(self.dir / "arrays.npz") as saved:
+            arrays = [jnp.asarray(saved[f"arr_{i}"]) for i in range(len(saved.files))]
+        n = len(wave.trainable)
+        wave.trainable, wave.state, wave.alive = arrays[:n], arrays[n:-1], arrays[-1]
+        wave.history, wave.times = state["history"], state["times"]
+        wave.failed = {int(k): v for k, v in state["failed"].items()}
+        for k, run in enumerate(wave.runs):
+            for epoch in range(1, state["epoch"] + 1):
+                if self.adapter(run, epoch).is_file():
+                    wave.publish(k, epoch)
+        self.resumed_from = wave.epochs_done = state["epoch"]
+        return self.resumed_from

@@ -1,0 +1,187 @@
+"""Adapters trained side by side on one base: each is the adapter its separate run trains.
+
+The group trainer (lorastudy.stacked) and the per-run trainer (Keras `fit`,
+lorastudy.finetune) are two implementations of one run; these tests hold
+them to each other for Gemma, Gemma 2 and Gemma 3 in float32, with mixed
+ranks and seeds, several batch widths (so a step's rows are padded to the
+widest run's), gradient clipping and a warm-up/decay schedule.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorastudy.finetune import NonFiniteLossError, finetune
+from lorastudy.lora import read_factors, read_spec
+from lorastudy.models import prepare_model
+from lorastudy.paths import group_runs
+from lorastudy.prompts import DEFAULT_TEMPLATE
+from lorastudy.stacked import GroupRun, finetune_group, waves_by_scale
+
+# Several widths (no compile cost assumed), clipping and a schedule: every part of a run's own recipe.
+SETTINGS = {
+    "learning_rate": 5e-3, "batch_size": 4, "log_every_n_steps": 2, "sequence_length": 64, "pad_multiple": 8,
+    "compile_seconds_per_width": 0.0, "expected_tokens_per_second": 1.0, "clip_norm": 0.5, "lr_schedule": "cosine", "warmup_steps": 2,
+}
+RUNS = [(2, 0), (4, 1), (4, 0)]  # (rank, seed)
+EPOCHS = 2
+
+
+def group(tmp_path: Path, runs=RUNS, epochs=EPOCHS) -> list[GroupRun]:
+    root = tmp_path / "group"
+    rows = group_runs("m", "32", sorted({r for r, _ in runs}), sorted({s for _, s in runs}), epochs)
+    wanted = [row for row in rows if (row["rank"], row["seed"]) in runs]
+    return [GroupRun(**{**row, **{k: _under(root, v) for k, v in row.items() if k.endswith(("_path", "_paths"))}}) for row in wanted]
+
+
+def _under(root: Path, value):
+    return [str(root / p) for p in value] if isinstance(value, list) else str(root / value)
+
+
+def train_alone(preset, data, run: GroupRun, tmp_path: Path, settings=SETTINGS) -> dict:
+    out = tmp_path / "alone" / run.name
+    adapters = [out / Path(p).name for p in run.adapter_paths]
+    stats = finetune(preset, data["train"], data["val"], adapters, out / "history.csv", out / "train.json",
+                     rank=run.rank, template=DEFAULT_TEMPLATE, settings={**settings, "seed": run.seed})
+    return {"adapters": adapters, "history": out / "history.csv", "stats": stats}
+
+
+def epoch_rows(path) -> list[dict]:
+    with open(path) as f:
+        return [row for row in csv.DictReader(f)]
+
+
+def assert_same_run(preset, stacked: GroupRun, alone: dict) -> None:
+    for ours, theirs in zip(stacked.adapter_paths, alone["adapters"], strict=True):
+        assert read_spec(ours) == read_spec(theirs)
+        for (a, b), (a2, b2) in zip(factors(preset, ours), factors(preset, theirs), strict=True):
+            assert a.shape == a2.shape and b.shape == b2.shape
+            np.testing.assert_allclose(a, a2, rtol=1e-4, atol=2e-6, err_msg=f"{ours}: A")
+            np.testing.assert_allclose(b, b2, rtol=1e-4, atol=2e-6, err_msg=f"{ours}: B")
+            assert np.abs(b).max() > 0, "the adapter did not train"
+    ours, theirs = epoch_rows(stacked.history_path), epoch_rows(alone["history"])
+    assert [(r["epoch"], r["step"], r["kind"]) for r in ours] == [(r["epoch"], r["step"], r["kind"]) for r in theirs]
+    for r, t in zip(ours, theirs):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            if t[key]:
+                assert float(r[key]) == pytest.approx(float(t[key]), rel=1e-4, abs=1e-6), (stacked.name, r["step"], key)
+
+
+def test_stacked_adapters_equal_their_separate_runs_gemma(tiny_preset, tiny_data, tmp_path):
+    runs = group(tmp_path)
+    stats = finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE,
+                           tmp_path / "checkpoints", SETTINGS)
+    assert [s["runs_side_by_side"] for s in stats] == [3, 3, 3]
+    assert len(stats[0]["batch_widths"]) > 1, "one width: the test would not pad any run's rows"
+    for run in runs:
+        assert_same_run(tiny_preset, run, train_alone(tiny_preset, tiny_data, run, tmp_path))
+    written = json.loads(Path(runs[0].stats_path).read_text())
+    assert written["rank"] == 2 and written["trainable_parameters"] < json.loads(Path(runs[1].stats_path).read_text())["trainable_parameters"]
+    assert not (tmp_path / "checkpoints").exists(), "a finished group leaves no resume state"
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def other_preset(request, tmp_path_factory, tiny_data):
+    shape = {"gemma2": {"architecture": "gemma2"}, "gemma3": {"architecture": "gemma3", "num_layers": 6}}[request.param]
+    dest = tmp_path_factory.mktemp(request.param) / "preset"
+    return prepare_model(request.param, {"source": "tiny", "tiny": shape}, dest, train_path=tiny_data["train"], sequence_length=64)
+
+
+def test_stacked_adapters_equal_their_separate_runs_gemma2_gemma3(other_preset, tiny_data, tmp_path):
+    runs = group(tmp_path, runs=[(2, 0), (4, 1)], epochs=1)
+    finetune_group(other_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, tmp_path / "ck", SETTINGS)
+    for run in runs:
+        assert_same_run(other_preset, run, train_alone(other_preset, tiny_data, run, tmp_path))
+
+
+def test_packed_stacked_adapters_equal_their_separate_runs(tiny_preset, tiny_data, tmp_path):
+    settings = {**SETTINGS, "packing": True}
+    runs = group(tmp_path, runs=[(2, 1), (4, 0)], epochs=1)
+    finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, tmp_path / "ck", settings)
+    for run in runs:
+        assert_same_run(tiny_preset, run, train_alone(tiny_preset, tiny_data, run, tmp_path, settings))
+
+
+def test_a_fixed_alpha_trains_each_scale_in_its_own_wave(tmp_path):
+    runs = group(tmp_path, runs=[(2, 0), (4, 0), (4, 1)])
+    assert [[r.name for r in wave] for wave in waves_by_scale(runs, None)] == [[r.name for r in runs]]
+    assert [[r.rank for r in wave] for wave in waves_by_scale(runs, 8.0)] == [[2], [4, 4]]
+
+
+def test_a_diverging_adapter_stops_alone_and_the_others_finish(tiny_preset, tiny_data, tmp_path, monkeypatch, caplog):
+    """An adapter that starts at infinity: its loss is not finite from the first step; the other trains on."""
+    import lorastudy.stacked as stacked
+
+    draw = stacked.initial_factors
+
+    def poisoned(layers, rank, seed):
+        factors = draw(layers, rank, seed)
+        return [(np.full_like(a, np.inf), b) for a, b in factors] if seed == 1 else factors
+
+    monkeypatch.setattr(stacked, "initial_factors", poisoned)
+    runs = group(tmp_path, runs=[(4, 0), (4, 1)])
+    with pytest.raises(NonFiniteLossError, match="32_r4_s1") as error:
+        finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, tmp_path / "ck", SETTINGS)
+    assert "32_r4_s0" not in str(error.value)
+    good, bad = runs
+    assert all(Path(p).is_file() for p in good.adapter_paths) and Path(good.stats_path).is_file()
+    assert not any(Path(p).exists() for p in bad.adapter_paths) and not Path(bad.stats_path).exists()
+    assert "32_r4_s1: the loss became NaN or infinite in epoch 1" in caplog.text
+    # The finished run is kept for a rerun, which republishes it without training.
+    monkeypatch.setattr(stacked, "initial_factors", draw)
+    Path(good.adapter_paths[0]).unlink()
+    with pytest.raises(NonFiniteLossError):
+        finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, tmp_path / "ck", SETTINGS)
+    assert Path(good.adapter_paths[0]).is_file()
+
+
+def test_a_group_stopped_after_an_epoch_resumes_from_it(tiny_preset, tiny_data, tmp_path, monkeypatch):
+    """Interrupted after epoch 1's checkpoint, the rerun trains epoch 2 only and ends where an uninterrupted group does."""
+    import lorastudy.stacked as stacked
+
+    runs = group(tmp_path, runs=[(2, 0), (4, 1)])
+    checkpoint = tmp_path / "ck"
+    save = stacked._WaveCheckpoint.save
+
+    def save_then_stop(self, wave, epoch):
+        save(self, wave, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(stacked._WaveCheckpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
+    assert Path(runs[0].adapter_paths[0]).is_file() and not Path(runs[0].adapter_paths[1]).exists()
+    monkeypatch.setattr(stacked._WaveCheckpoint, "save", save)
+    resumed = finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
+    assert [s["resumed_from_epoch"] for s in resumed] == [1, 1]
+    assert [s["epochs_trained_this_run"] for s in resumed] == [1, 1]
+
+    whole = group(tmp_path / "whole", runs=[(2, 0), (4, 1)])
+    finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], whole, DEFAULT_TEMPLATE, tmp_path / "ck2", SETTINGS)
+    for a, b in zip(runs, whole):
+        assert _numbers(a.history_path) == _numbers(b.history_path)
+        for (x, y), (x2, y2) in zip(factors(tiny_preset, a.adapter_paths[-1]), factors(tiny_preset, b.adapter_paths[-1])):
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+
+
+def _numbers(history) -> list[tuple]:
+    """A history's losses and accuracies (not its clock columns)."""
+    return [tuple(r[k] for k in ("epoch", "step", "kind", "loss", "accuracy", "val_loss", "val_accuracy")) for r in epoch_rows(history)]
+
+
+def factors(preset, adapter) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An adapter file's factors, read at the layer indices of `preset` with LoRA on its layers."""
+    from lorastudy.lora import LoraSpec, enable_lora
+    from lorastudy.models import load_causal_lm
+
+    backbone = load_causal_lm(preset).backbone
+    spec = read_spec(adapter)
+    enable_lora(backbone, LoraSpec(spec.rank, spec.targets))
+    return read_factors(adapter, backbone._lora_enabled_layers)
