@@ -296,6 +296,37 @@ def summarize(args) -> None:
     print("\n".join(lines))
 
 
+def study_table(args) -> None:
+    """Issue 25's study benchmark (benchmarks/study_gpu.sh): each workflow run's wall, GPU busy and jobs' split."""
+    study = json.loads(Path(args.study).read_text())
+    lines = ["| machine | run | wall s | GPU busy | prepare_model s | finetune jobs s | generate jobs s | "
+             "finetune: load / compile / steady train / validation s | generate: load / compile / steady s | runs side by side |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in study["records"]:
+        total = lambda rule: sum(j["seconds"] for j in r["spans"] if j["rule"] == rule)  # noqa: E731
+        train = [v for k, v in r["splits"].items() if k.endswith("train.json")]
+        gen = [v for k, v in r["splits"].items() if k.endswith("generate.json")]
+        # A grouped job's runs share one split (a run's share is the group's over its runs).
+        group = lambda v: v.get("wave_seconds") or {k: v[k] for k in ("train_seconds", "train_compile_seconds", "validation_seconds")}  # noqa: E731
+        t = train[0] if train else None
+        split = "-"
+        if t:
+            w = group(t)
+            split = (f"{t['load_seconds_this_run']:.1f} / {w['train_compile_seconds'] + w.get('validation_compile_seconds', t['validation_compile_seconds']):.1f} / "
+                     f"{w['train_seconds'] - w['train_compile_seconds']:.1f} / {w['validation_seconds']:.1f}")
+        gsplit = "-"
+        if gen:
+            loads = {g["load_seconds"] for g in gen}
+            gsplit = f"{sum(loads):.1f} / {sum(g['compile_seconds'] for g in gen):.1f} / {sum(g['steady_seconds'] for g in gen):.1f}"
+        busy = f"{r['gpu_utilisation_mean']:.0f}%" if r.get("gpu_utilisation_mean") is not None else "-"
+        side = (t.get("runs_side_by_side") or 1) if t else "-"
+        status = "" if r["returncode"] == 0 else " (failed: see note)"
+        lines.append(f"| {r['machine']} | {r['label']}{status} | {r['seconds']:.0f} | {busy} | {total('prepare_model'):.0f} | "
+                     f"{total('finetune'):.0f} | {total('generate') + total('generate_base'):.0f} | {split} | {gsplit} | {side} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def paper_grid_table(parts: list[dict], out: Path) -> list[str]:
     """The paper grid's parts: wall, GPU jobs and their own split, with the whole grid's total.
 
@@ -375,6 +406,10 @@ def main() -> None:
     p.set_defaults(fn=summarize)
     p.add_argument("--results", nargs="+", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("study", help="the table of benchmarks/results/study_gpu.json")
+    p.set_defaults(fn=study_table)
+    p.add_argument("--study", default="benchmarks/results/study_gpu.json")
+    p.add_argument("--out", default="benchmarks/results/study_gpu.md")
     args = parser.parse_args()
     if getattr(args, "snakemake", None) and args.snakemake[0] == "--":
         args.snakemake = args.snakemake[1:]
