@@ -174,3 +174,11 @@ def test_a_bad_model_template_names_the_model():
     config["models"]["tiny"]["prompt"] = {"template": "{response} then {instruction}"}
     with pytest.raises(ConfigError, match=r"models\.tiny\.prompt\.template: prompt\.template must put \{instruction\} before"):
         validate_config(config, SCHEMA)
+
+
+def test_grouped_jobs_refuse_a_model_split_over_gpus_by_name():
+    config = minimal()
+    config["models"]["tiny"]["train"] = {"model_parallel": 2}
+    with pytest.raises(ConfigError, match=r"models.tiny.train.model_parallel: grouped jobs .* set jobs: per_run"):
+        validate_config(copy.deepcopy(config), SCHEMA)
+    validate_config({**config, "jobs": "per_run"}, SCHEMA)

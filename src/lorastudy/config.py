@@ -59,6 +59,7 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
         raise ConfigError("invalid config:\n" + "\n".join(lines))
     check_model_overrides(config, schema)
     check_grid(config)
+    check_grouped_jobs(config)
     check_protocol(config)
     resolve_prompts(config)
 
@@ -153,6 +154,20 @@ def check_protocol(config: MutableMapping[str, Any]) -> None:
     seeds = config["generate"]["seeds"]
     if seeds is None or len(seeds) != DOLLY_EVAL_SEEDS:
         problems.append(f"  generate.seeds: the dolly_eval protocol averages {DOLLY_EVAL_SEEDS} generation seeds, got {seeds!r}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def check_grouped_jobs(config: MutableMapping[str, Any]) -> None:
+    """Grouped finetune jobs train on one device: a weight split over several (model_parallel) needs per-run jobs."""
+    if config["jobs"] != "grouped":
+        return
+    split = [("train", config["train"])] + [(f"models.{m}.train", config["models"][m].get("train", {})) for m in config["grid"]["models"]]
+    problems = [
+        f"  {where}.model_parallel: grouped jobs (jobs: grouped) train on one device; "
+        "set jobs: per_run to split a model over several GPUs"
+        for where, train in split if train.get("model_parallel", 1) > 1
+    ]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 

@@ -99,6 +99,7 @@ def finetune_group(
     if len(epochs) != 1:
         raise ValueError(f"the runs of a group train the same epochs; got {sorted(epochs)}")
     use_compilation_cache(compilation_cache)
+    _one_device()
     group = _Group.load(preset, train_path, val_path, runs, template, s, epochs.pop())
     trainer = _Trainer(group, Path(checkpoint_dir), started)
     stats = [trainer.train(wave) for wave in waves_by_scale(runs, s.lora_alpha)]
@@ -124,6 +125,17 @@ def without_fused_attention(backbone) -> None:
     for layer in backbone._flatten_layers(include_self=False):
         if hasattr(layer, "_use_fused_attention_op"):
             layer._use_fused_attention_op = lambda: False
+
+
+def _one_device() -> None:
+    import jax
+
+    if len(jax.devices()) > 1:
+        log.warning(
+            "%d devices are visible, and a grouped job trains on the first alone: give finetune jobs one GPU each "
+            "(resources.finetune.gpu: 1) so that groups run side by side, or set jobs: per_run for jobs over several",
+            len(jax.devices()),
+        )
 
 
 def waves_by_scale(runs: Sequence[GroupRun], alpha: float | None) -> list[list[GroupRun]]:
