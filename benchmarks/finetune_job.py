@@ -142,7 +142,9 @@ def trl_job(args) -> dict:
     from lorastudy.prompts import PromptTemplate
 
     p, out = paths(Path(args.work)), Path(args.run_dir)
-    route, _, extra = args.route.partition("+")
+    # route+extra+...: compile (torch.compile), nockpt (gradient checkpointing off, SFTConfig's default
+    # being on: the faster setting when memory allows, so the strongest peer), liger (Liger kernels).
+    route, *extras = args.route.split("+")
     started = time.perf_counter()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(p["hf_model"]))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(p["hf_model"]), dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -157,7 +159,8 @@ def trl_job(args) -> dict:
         output_dir=str(out), num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH_SIZE, per_device_eval_batch_size=BATCH_SIZE,
         learning_rate=LEARNING_RATE, weight_decay=0.01, lr_scheduler_type="constant", bf16=torch.cuda.is_available(),
         max_length=SEQUENCE_LENGTH, padding_free=route == "padding_free", packing=route == "packing",
-        torch_compile=extra == "compile", eval_strategy="epoch", save_strategy="epoch", save_only_model=True,
+        torch_compile="compile" in extras, gradient_checkpointing="nockpt" not in extras, use_liger_kernel="liger" in extras,
+        eval_strategy="epoch", save_strategy="epoch", save_only_model=True,
         logging_steps=10, report_to="none", dataloader_num_workers=0, seed=0,
     )
     if route == "padding_free":
