@@ -10,12 +10,7 @@ set -euo pipefail
 step=$1
 out=${OUT:-/tmp/job_overhead}
 mkdir -p "$out" /tmp/results
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-site=/tmp/site
-[ -d $site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
-data=/tmp/dolly_full.jsonl
-[ -f $data ] || PYTHONPATH=tests python3 -c "from pathlib import Path; from dolly_like import make_dolly_full_size as m; m(Path('$data'))"
-export LORASTUDY_DOLLY_JSONL=$data
+. benchmarks/device_setup.sh
 config=$PWD/benchmarks/configs/gpu_2b_shape.yaml
 printf 'compilation_cache: {dir: /tmp/jax_cache}\n' > /tmp/cache.yaml
 

@@ -17,12 +17,7 @@ mkdir -p "$out" "$results"
 case $1 in
   start) setsid nohup bash "$0" sequence > /tmp/study.out 2>&1 < /dev/null & sleep 5 ;;
   sequence)
-    export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-    site=/tmp/site
-    [ -d $site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl
-    data=/tmp/dolly_full.jsonl
-    [ -f $data ] || PYTHONPATH=tests python3 -c "from pathlib import Path; from dolly_like import make_dolly_full_size as m; m(Path('$data'))"
-    export LORASTUDY_DOLLY_JSONL=$data
+    . benchmarks/device_setup.sh
     old=$(realpath "${OLD:-.old}")
     # A step is VERSION_CACHE (mini grid) or VERSION_CACHE_paper9 / _paper3: the paper's 1k cell
     # with three seeds (9 runs) or one (3 runs), over config/paper.yaml and paper_2b_shape.yaml.
