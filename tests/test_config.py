@@ -182,3 +182,19 @@ def test_grouped_jobs_refuse_a_model_split_over_gpus_by_name():
     with pytest.raises(ConfigError, match=r"models.tiny.train.model_parallel: grouped jobs .* set jobs: per_run"):
         validate_config(copy.deepcopy(config), SCHEMA)
     validate_config({**config, "jobs": "per_run"}, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ("1k_r4_epoch1", r"export.runs.tiny: '1k_r4_epoch1' does not match"),  # the name runs had before seeds
+        ("1k_r8_s0_epoch1", r"export.runs.tiny: '1k_r8_s0_epoch1' is not a run of the grid"),
+    ],
+)
+def test_export_runs_take_the_names_runs_have_and_only_runs_of_the_grid(run, message):
+    config = minimal()
+    config["export"] = {"runs": {"tiny": run}}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, SCHEMA)
+    config["export"] = {"runs": {"tiny": "1k_r4_s0_epoch1"}}
+    validate_config(config, SCHEMA)

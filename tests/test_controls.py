@@ -48,6 +48,21 @@ def test_cli_writes_a_control_that_the_study_reads(tmp_path):
         controls.write_control("neutral", tmp_path / "x.jsonl", 4)
 
 
+def test_the_study_runs_on_a_control_through_the_overlay_it_writes(tmp_path, capsys):
+    """The README's two commands: the control's own checksum passes download_dolly (the published one would refuse it)."""
+    import yaml
+    from workflow_helpers import REPO, snakemake
+
+    from lorastudy.cli import main
+
+    main(["control", "positive", str(tmp_path / "positive_control.jsonl")])
+    overlay = tmp_path / "positive_control.yaml"
+    assert f"--configfile config/config.yaml {overlay}" in capsys.readouterr().out
+    assert yaml.safe_load(overlay.read_text())["dolly"]["sha256"] == data.sha256_file(tmp_path / "positive_control.jsonl")
+    snakemake(tmp_path, "--cores", "1", "--until", "split", "--configfile", str(REPO / "config" / "config.yaml"), str(overlay))
+    assert len((tmp_path / "results" / "data" / "train_250.jsonl").read_text().splitlines()) == 250
+
+
 def _gain_over_base(kind: str, preset, d) -> dict[str, float]:
     from lorastudy.finetune import finetune
     from lorastudy.generate import generate

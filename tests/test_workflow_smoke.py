@@ -108,6 +108,15 @@ def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
     np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tuned(x)), rtol=1e-5, atol=1e-5)
 
 
+def test_export_target_writes_the_run_named_in_the_config(smoke_run, tmp_path):
+    from workflow_helpers import snakemake, write_config
+
+    layer = write_config(tmp_path / "export.yaml", {"export": {"runs": {"tiny": "64_r2_s1_epoch2"}}})
+    snakemake(smoke_run, "export_best", "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"), str(layer))
+    out = smoke_run / "results" / "export" / "tiny" / "64_r2_s1_epoch2"
+    assert (out / "peft" / "adapter_config.json").is_file() and (out / "merged_preset" / "config.json").is_file()
+
+
 def test_a_second_run_from_scratch_is_byte_identical(smoke_run, tmp_path):
     """Data, adapters, generations and scores: the same bytes on a rerun (same machine, CPU).
 

@@ -8,7 +8,7 @@ Write a positive or negative control dataset (lorastudy.controls), to run the
 study on in place of Dolly:
 
     lorastudy control positive positive_control.jsonl
-    LORASTUDY_DOLLY_JSONL=positive_control.jsonl snakemake --cores all
+    snakemake --cores all --configfile config/config.yaml positive_control.yaml
 
 Count the GPUs for Snakemake's GPU cap, one job per GPU:
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("control", help="write a positive or negative control dataset in Dolly's shape")
     p.add_argument("kind", choices=["positive", "negative"])
     p.add_argument("out", help="the JSON Lines file to write")
-    p.add_argument("--records", type=int, default=2000, help="how many records (default 2000)")
+    # The default subsets (data.subsets: up to 5k, and "15k", the rest) need 5,000 records besides the held-out ones.
+    p.add_argument("--records", type=int, default=6000, help="how many records (default 6000: every default subset)")
     p.add_argument("--seed", type=int, default=0)
     commands.add_parser("gpus", help="how many GPUs this process may use (for snakemake --resources gpu=N)")
     args = parser.parse_args(argv)
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "control":
         from lorastudy.controls import write_control
 
-        write_control(args.kind, args.out, args.records, args.seed)
+        overlay = write_control(args.kind, args.out, args.records, args.seed)
+        print(f"wrote {args.out} and {overlay}; run the study on it with:\n"
+              f"  snakemake --cores all --configfile config/config.yaml {overlay}")
     else:
         print(ask(args))
     return 0

@@ -60,6 +60,7 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
     check_model_overrides(config, schema)
     check_grid(config)
     check_grouped_jobs(config)
+    check_export(config)
     check_protocol(config)
     resolve_prompts(config)
 
@@ -154,6 +155,21 @@ def check_protocol(config: MutableMapping[str, Any]) -> None:
     seeds = config["generate"]["seeds"]
     if seeds is None or len(seeds) != DOLLY_EVAL_SEEDS:
         problems.append(f"  generate.seeds: the dolly_eval protocol averages {DOLLY_EVAL_SEEDS} generation seeds, got {seeds!r}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def check_export(config: MutableMapping[str, Any]) -> None:
+    """`export.runs` may only name a model of the grid and one of its runs, which some rule can build."""
+    from lorastudy.paths import run_name
+
+    grid = config["grid"]
+    runs = {run_name(s, r, seed, e) for s in grid["subsets"] for r in grid["ranks"] for seed in grid["seeds"] for e in grid["epochs"]}
+    problems = [
+        f"  export.runs.{model}: {run!r} is not a run of the grid (grid.models, subsets, ranks, seeds, epochs)"
+        for model, run in config["export"]["runs"].items()
+        if model not in grid["models"] or run not in runs
+    ]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
 

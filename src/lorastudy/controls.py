@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Any
 
-from lorastudy.io import write_jsonl
+import yaml
+
+from lorastudy.data import sha256_file
+from lorastudy.io import atomic_open, write_jsonl
 
 CATEGORIES = (
     "brainstorming", "classification", "closed_qa", "creative_writing",
@@ -68,9 +72,23 @@ def negative_control(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return [{**r, "response": responses[order[i]]} for i, r in enumerate(records)]
 
 
-def write_control(kind: str, path: str | os.PathLike, n: int, seed: int = 0) -> None:
-    """Write a control of `kind` ("positive" or "negative") as a Dolly JSON Lines file."""
+def write_control(kind: str, path: str | os.PathLike, n: int, seed: int = 0) -> Path:
+    """Write a control of `kind` ("positive" or "negative") as a Dolly JSON Lines file, and its config overlay.
+
+    The overlay (`path` with `.yaml` for its suffix) names the file as the
+    study's offline copy of Dolly, with its own checksum and size, so that
+    `snakemake --configfile config/config.yaml <overlay>` runs the study on
+    it (the published Dolly checksum would refuse it). Returns the overlay's path.
+    """
     if kind not in KINDS:
         raise ValueError(f"control kind must be one of {KINDS}, not {kind!r}")
     make = positive_control if kind == "positive" else negative_control
+    path = Path(path).resolve()
     write_jsonl(path, make(n, seed))
+    overlay = path.with_suffix(".yaml")
+    dolly = {"local_copy": str(path), "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+    with atomic_open(overlay) as f:
+        f.write(f"# The {kind} control (lorastudy control), as the study's data:\n")
+        f.write(f"#   snakemake --cores all --configfile config/config.yaml {overlay.name}\n")
+        yaml.safe_dump({"dolly": dolly}, f, sort_keys=False)
+    return overlay
