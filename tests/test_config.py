@@ -198,3 +198,38 @@ def test_export_runs_take_the_names_runs_have_and_only_runs_of_the_grid(run, mes
         validate_config(config, SCHEMA)
     config["export"] = {"runs": {"tiny": "1k_r4_s0_epoch1"}}
     validate_config(config, SCHEMA)
+
+
+def _properties(node: dict, path: str = ""):
+    """Every property of the schema (nested, under additionalProperties and $defs too) as (dotted path, its schema)."""
+    for name, sub in (node.get("properties") or {}).items():
+        where = f"{path}.{name}" if path else name
+        yield where, sub
+        yield from _properties(sub, where)
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _properties(node["additionalProperties"], f"{path}.<name>")
+    for name, sub in (node.get("$defs") or {}).items():
+        yield from _properties(sub, f"$defs.{name}")
+
+
+def test_every_schema_property_is_described():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    undescribed = [where for where, sub in _properties(schema) if not str(sub.get("description", "")).strip()]
+    assert not undescribed, f"schema properties without a description: {undescribed}"
+    assert len(list(_properties(schema))) > 70
+
+
+@pytest.mark.parametrize(("section", "settings"), [("train", "TrainSettings"), ("generate", "GenerateSettings")])
+def test_the_settings_classes_default_to_the_schema(section, settings):
+    """Two places hold each default (the schema, which fills the config, and the class a stage reads it into): the same."""
+    import dataclasses
+
+    from lorastudy import finetune, generate
+
+    cls = getattr(finetune if section == "train" else generate, settings)
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"][section]["properties"]
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    assert set(fields) == set(schema), f"{settings} and the schema's {section} differ in keys"
+    for name, default in fields.items():
+        expected = schema[name].get("default")
+        assert (list(default) if isinstance(default, tuple) else default) == expected, f"{section}.{name}"
