@@ -216,6 +216,9 @@ def test_every_schema_property_is_described():
     schema = yaml.safe_load(SCHEMA.read_text())
     undescribed = [where for where, sub in _properties(schema) if not str(sub.get("description", "")).strip()]
     assert not undescribed, f"schema properties without a description: {undescribed}"
+    # A comma in an unquoted flow-style description ends it and leaves the rest as a stray key.
+    stray = [(where, key) for where, sub in _properties(schema) for key in sub if " " in key]
+    assert not stray, f"keys that are no JSON Schema keyword: {stray}"
     assert len(list(_properties(schema))) > 70
 
 
@@ -233,3 +236,15 @@ def test_the_settings_classes_default_to_the_schema(section, settings):
     for name, default in fields.items():
         expected = schema[name].get("default")
         assert (list(default) if isinstance(default, tuple) else default) == expected, f"{section}.{name}"
+
+
+def test_config_readme_lists_every_key_as_the_schema_has_it(tmp_path):
+    from lorastudy.config import KEYS_BEGIN, keys_markdown, load_schema, write_keys
+
+    readme = REPO / "config" / "README.md"
+    assert keys_markdown(load_schema(SCHEMA)) in readme.read_text(), "regenerate it: lorastudy config-keys --write config/README.md"
+    stale = tmp_path / "README.md"
+    stale.write_text("intro\n" + KEYS_BEGIN + "\n| old |\n<!-- end of every key -->\nafter\n")
+    assert write_keys(stale, SCHEMA) and not write_keys(stale, SCHEMA)
+    text = stale.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "| `train.stack_size` |" in text

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lorastudy.prompts import DEFAULT_TEMPLATE, TEMPLATES, PromptTemplate
 
@@ -61,11 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", type=int, default=6000, help="how many records (default 6000: every default subset)")
     p.add_argument("--seed", type=int, default=0)
     commands.add_parser("gpus", help="how many GPUs this process may use (for snakemake --resources gpu=N)")
+    p = commands.add_parser("config-keys", help="every config key, its default and description, from the schema (a Markdown table)")
+    p.add_argument("--write", metavar="README", help="replace the table in this file (config/README.md) instead of printing it")
     args = parser.parse_args(argv)
     if args.command == "gpus":
         from lorastudy.gpus import visible_gpus
 
         print(len(visible_gpus()))
+    elif args.command == "config-keys":
+        from lorastudy.config import keys_markdown, load_schema, write_keys
+
+        schema = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+        if args.write:
+            print(f"{args.write}: {'updated' if write_keys(args.write, schema) else 'already up to date'}")
+        else:
+            print(keys_markdown(load_schema(schema)))
     elif args.command == "control":
         from lorastudy.controls import write_control
 

@@ -9,6 +9,7 @@ must be defined).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import MutableMapping
 from typing import Any
@@ -200,3 +201,49 @@ def check_grid(config: MutableMapping[str, Any]) -> None:
     ]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+# --------------------------------------------------------------------------
+# config/README.md: every key, from the schema
+# --------------------------------------------------------------------------
+
+KEYS_BEGIN = "<!-- every key: written by `lorastudy config-keys --write config/README.md` from the schema; do not edit -->"
+KEYS_END = "<!-- end of every key -->"
+
+
+def schema_keys(schema: dict[str, Any], path: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) of every property, nested sections and a model's keys included."""
+    rows = []
+    for name, sub in (schema.get("properties") or {}).items():
+        key = f"{path}.{name}" if path else name
+        sub = {**schema.get("$defs", {}).get(sub.get("$ref", "").rsplit("/", 1)[-1], {}), **sub}
+        rows.append((key, sub.get("default"), " ".join(str(sub.get("description", "")).split())))
+        if isinstance(sub.get("additionalProperties"), dict) and "$ref" in sub["additionalProperties"]:
+            model = schema["$defs"][sub["additionalProperties"]["$ref"].rsplit("/", 1)[-1]]
+            rows += schema_keys({**model, "$defs": schema["$defs"]}, f"{key}.<name>")
+        elif sub.get("properties"):
+            rows += schema_keys({**sub, "$defs": schema.get("$defs", {})}, key)
+    return rows
+
+
+def keys_markdown(schema: dict[str, Any]) -> str:
+    """The table of every key of the config, for config/README.md."""
+    def cell(value: Any) -> str:
+        return "" if value is None else "`" + json.dumps(value) + "`"
+
+    lines = ["| key | default | what it is |", "| --- | --- | --- |"]
+    escape = str.maketrans({"|": "\\|"})
+    lines += [f"| `{key}` | {cell(default)} | {text.translate(escape)} |" for key, default, text in schema_keys(schema)]
+    return "\n".join([KEYS_BEGIN, "", *lines, "", KEYS_END])
+
+
+def write_keys(readme: str | os.PathLike, schema_path: str | os.PathLike) -> bool:
+    """Replace the generated table in `readme` with the schema's; returns whether it changed."""
+    text = open(readme, encoding="utf-8").read()
+    head, _, rest = text.partition(KEYS_BEGIN)
+    _, _, tail = rest.partition(KEYS_END)
+    new = head + keys_markdown(load_schema(schema_path)) + tail
+    if new != text:
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text
