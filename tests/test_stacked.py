@@ -146,18 +146,18 @@ def test_a_group_stopped_after_an_epoch_resumes_from_it(tiny_preset, tiny_data, 
 
     runs = group(tmp_path, runs=[(2, 0), (4, 1)])
     checkpoint = tmp_path / "ck"
-    save = stacked._WaveCheckpoint.save
+    save = stacked._Wave._save
 
-    def save_then_stop(self, wave, epoch):
-        save(self, wave, epoch)
+    def save_then_stop(self, epoch):
+        save(self, epoch)
         if epoch == 1:
             raise KeyboardInterrupt("killed after epoch 1")
 
-    monkeypatch.setattr(stacked._WaveCheckpoint, "save", save_then_stop)
+    monkeypatch.setattr(stacked._Wave, "_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
     assert Path(runs[0].adapter_paths[0]).is_file() and not Path(runs[0].adapter_paths[1]).exists()
-    monkeypatch.setattr(stacked._WaveCheckpoint, "save", save)
+    monkeypatch.setattr(stacked._Wave, "_save", save)
     resumed = finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
     assert [s["resumed_from_epoch"] for s in resumed] == [1, 1]
     assert [s["epochs_trained_this_run"] for s in resumed] == [1, 1]

@@ -69,6 +69,41 @@ class Checkpoints:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class WaveCheckpoint:
+    """Resume state of adapters trained side by side (`lorastudy.stacked`), after each epoch.
+
+    Each run's adapter of each epoch (`adapter(name, epoch)`), the wave's
+    stacked arrays (factors, optimizer state, which adapters live) and its
+    bookkeeping, kept beside the runs' outputs as `Checkpoints` keeps a run's.
+    Every file is written atomically, `state.json` last: it marks the epoch
+    done, and its fingerprint guards against resuming changed work.
+    """
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.dir, self.fingerprint, self.resumed_from = directory, fingerprint, 0
+
+    def adapter(self, run: str, epoch: int) -> Path:
+        return self.dir / run / f"adapter_epoch{epoch}.lora.h5"
+
+    def save(self, epoch: int, arrays: Sequence[Any], state: dict[str, Any]) -> None:
+        with atomic_path(self.dir / "arrays.npz", suffix=".npz") as tmp:
+            np.savez(tmp, *[np.asarray(a) for a in arrays])
+        write_json(self.dir / "state.json", {"fingerprint": self.fingerprint, "epoch": epoch, **state})
+
+    def restore(self) -> tuple[int, list[np.ndarray], dict[str, Any]] | None:
+        """(epoch, arrays, state) of the last finished epoch, or None if there is none for this fingerprint."""
+        path = self.dir / "state.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        if state["fingerprint"] != self.fingerprint:
+            return None
+        with np.load(self.dir / "arrays.npz") as saved:
+            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        self.resumed_from = state["epoch"]
+        return state["epoch"], arrays, state
+
+
 def fingerprint(*parts: Any, files: Sequence[str | os.PathLike] = ()) -> str:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for path in files:

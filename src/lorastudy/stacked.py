@@ -34,7 +34,6 @@ killed job resumes after it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from lorastudy.checkpoints import fingerprint
+from lorastudy.checkpoints import WaveCheckpoint, fingerprint
 from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.finetune import (
     NonFiniteLossError,
@@ -59,9 +58,10 @@ from lorastudy.finetune import (
     write_history,
 )
 from lorastudy.io import atomic_path, write_json
-from lorastudy.lora import LoraSpec, enable_lora, initial_factors, lora_layers, pad_rank, write_adapter
+from lorastudy.lora import LoraSpec, enable_lora, initial_factors, pad_rank, write_adapter
 from lorastudy.models import architecture, dtype_policies, load_causal_lm
-from lorastudy.tokens import Batch, Example, collate, pack_rows, plan_batches, plan_packed_batches
+from lorastudy.stacked_step import factor_slots, fits_device, stacked_steps, without_fused_attention
+from lorastudy.tokens import Batch, Example, epoch_batches, pack_rows, stack_batches
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +114,6 @@ def finetune_group(
     return results
 
 
-def without_fused_attention(backbone) -> None:
-    """Attention through XLA rather than cuDNN's fused kernel, for steps mapped over adapters.
-
-    JAX's batching rule for the cuDNN kernel cannot map a mask that
-    broadcasts over heads (jax 0.11 reshapes it to [batch, heads, ...] and
-    fails), so under `vmap` Keras tries it, logs the traceback and falls
-    back to XLA at every trace. Saying so up front skips the failing attempt.
-    """
-    for layer in backbone._flatten_layers(include_self=False):
-        if hasattr(layer, "_use_fused_attention_op"):
-            layer._use_fused_attention_op = lambda: False
-
-
 def _one_device() -> None:
     import jax
 
@@ -168,6 +155,8 @@ class _Group:
     pad_id: int
     files: list[str]
     dtype: str
+    train_rows: list | None = None  # the packed rows (train.packing), packed once
+    val_rows: list | None = None
 
     @classmethod
     def load(cls, preset, train_path, val_path, runs, template, s: TrainSettings, epochs: int) -> _Group:
@@ -183,82 +172,18 @@ class _Group:
         widths = bucket_widths(s, train, val, epochs, runs=len(runs))
         model = response_loss_model(causal_lm, segments=s.packing)
         files = [str(train_path), str(val_path), str(Path(preset) / "config.json")]
+        rows = [pack_rows([ex.length for ex in split], widths[0]) for split in (train, val)] if s.packing else [None, None]
         return cls(str(preset), s, template, epochs, causal_lm, model, layers, rank, train, val, counts, widths,
-                   tokenizer.pad_token_id, files, dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}")
+                   tokenizer.pad_token_id, files, dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}", *rows)
 
     def plan(self, seed: int | None, epoch: int, examples: Sequence[Example]) -> list[Batch]:
         """One run's batches of an epoch, exactly as its separate run orders them (`training_batches`)."""
         s = self.settings
-        rng = None if seed is None else np.random.default_rng([seed, epoch])
-        if s.packing:
-            return plan_packed_batches(self._packed_rows(examples), self.widths[0], s.batch_size, rng)
-        return plan_batches([ex.length for ex in examples], self.widths, s.batch_size, rng)
-
-    def _packed_rows(self, examples):
-        key = "_rows_val" if examples is self.val else "_rows_train"
-        if not hasattr(self, key):
-            setattr(self, key, pack_rows([ex.length for ex in examples], self.widths[0]))
-        return getattr(self, key)
+        rows = (self.train_rows if examples is self.train else self.val_rows) if s.packing else None
+        return epoch_batches([ex.length for ex in examples], self.widths, s.batch_size, seed, epoch, rows)
 
     def stack(self, batches: Sequence[Batch], examples: Sequence[Example]) -> dict[str, np.ndarray]:
-        """The runs' batches of one step, padded to the widest of them: [runs, batch, width] arrays."""
-        width = max(b.width for b in batches)
-        inputs = [collate([[examples[i] for i in row] for row in b.rows], width, self.pad_id, b.real)[0] for b in batches]
-        return {key: np.stack([x[key] for x in inputs]) for key in inputs[0]}
-
-
-# --------------------------------------------------------------------------
-# the stacked step
-# --------------------------------------------------------------------------
-
-
-def stacked_steps(model, optimizer):
-    """The jitted training and validation steps of one run, mapped over a leading adapter axis.
-
-    Training: (trainable, optimizer state, alive, frozen, batch) ->
-    (trainable, optimizer state, alive, [loss, correct, tokens]) per adapter;
-    the frozen weights are shared, everything else has the adapter axis.
-    An adapter whose loss is not finite keeps its weights and state from
-    then on (`alive` turns false). Validation: (trainable, frozen, batch) ->
-    [loss, correct, tokens] per adapter, for one batch shared by all.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    def statistics(trainable, frozen, batch, training):
-        rows, _ = model.stateless_call(trainable, frozen, batch, training=training)
-        tokens = jnp.sum(batch["loss_weights"])
-        # batch_mean_loss and TokenAccuracy, as Keras's fit computes them.
-        return jnp.sum(rows[:, 0]) / jnp.maximum(tokens, 1e-9), jnp.sum(rows[:, 1]), tokens
-
-    def loss(trainable, frozen, batch):
-        mean, correct, tokens = statistics(trainable, frozen, batch, True)
-        return mean, (correct, tokens)
-
-    def train_one(trainable, state, alive, frozen, batch):
-        (mean, (correct, tokens)), grads = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, batch)
-        new_trainable, new_state = optimizer.stateless_apply(state, grads, trainable)
-        alive = alive & jnp.isfinite(mean)
-        keep = lambda new, old: [jnp.where(alive, n, o) for n, o in zip(new, old)]  # noqa: E731
-        return keep(new_trainable, trainable), keep(new_state, state), alive, jnp.stack([mean, correct, tokens])
-
-    def validate_one(trainable, frozen, batch):
-        return jnp.stack(statistics(trainable, frozen, batch, False))
-
-    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
-    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)))
-    return train, validate
-
-
-def fits_device(compiled, device) -> tuple[bool, int | None, int | None]:
-    """Whether a compiled step's temporary memory fits what `device` has free (always on a CPU): (fits, needed, free)."""
-    stats = device.memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return True, None, None
-    analysis = compiled.memory_analysis()
-    needed = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
-    free = int(stats["bytes_limit"] - stats["bytes_in_use"])
-    return needed <= 0.9 * free, needed, free
+        return stack_batches(batches, examples, self.pad_id)
 
 
 # --------------------------------------------------------------------------
@@ -304,7 +229,7 @@ class _Wave:
         total_steps = g.epochs * self.steps_per_epoch
         self.optimizer = make_optimizer(s, total_steps)
         self.optimizer.build(g.model.trainable_variables)
-        self.slots = _factor_slots(g.model.trainable_variables, g.layers)
+        self.slots = factor_slots(g.model.trainable_variables, g.layers)
         starts = [initial_factors(g.layers, run.rank, run.seed) for run in self.runs]
         self.trainable = [jnp.asarray(np.stack([pad_rank(f[j][ab], g.rank, -1 if ab == 0 else 0) for f in starts]))
                           for j, ab in self.slots]
@@ -321,7 +246,7 @@ class _Wave:
         self.device = jax.devices()[0]
         key = [g.preset, [dataclasses.asdict(r) | {"stats_path": None} for r in self.runs], g.template,
                dataclasses.asdict(s), g.dtype, g.rank]
-        self.checkpoint = _WaveCheckpoint(trainer.checkpoint_dir / _wave_name(self.runs), fingerprint(*key, files=g.files))
+        self.checkpoint = WaveCheckpoint(trainer.checkpoint_dir / _wave_name(self.runs), fingerprint(*key, files=g.files))
 
     # -- training ----------------------------------------------------------
 
@@ -329,7 +254,7 @@ class _Wave:
         g = self.group
         if self.trainer.load_seconds is None:
             self.trainer.load_seconds = time.perf_counter() - self.trainer.started
-        resumed = self.checkpoint.restore(self)
+        resumed = self._restore()
         if resumed:
             log.info("resuming %s after epoch %d of %d from %s", _wave_name(self.runs), resumed, g.epochs, self.checkpoint.dir)
         elif adaptive and len(self.runs) > 1 and not self._fits():
@@ -338,8 +263,40 @@ class _Wave:
         for epoch in range(resumed, g.epochs):
             self._epoch(epoch)
             self._validate(epoch)
-            self.checkpoint.save(self, epoch + 1)
+            self._save(epoch + 1)
         return [self._finish(k) for k in range(len(self.runs))]
+
+    def _save(self, epoch: int) -> None:
+        """Each live run's adapter (published under its final name), then the wave's arrays and bookkeeping."""
+        g = self.group
+        for k, run in enumerate(self.runs):
+            if k not in self.failed:
+                spec = LoraSpec(run.rank, g.settings.lora_targets, g.settings.lora_alpha)
+                write_adapter(self.checkpoint.adapter(run.name, epoch), spec, g.causal_lm.backbone._lora_enabled_layers, self.factors(k))
+                self.publish(k, epoch)
+        state = {"history": self.history, "times": self.times, "failed": {str(k): v for k, v in self.failed.items()}}
+        self.checkpoint.save(epoch, [*self.trainable, *self.state, self.alive], state)
+        log.info("epoch %d: adapters of %s saved", epoch, _wave_name(self.runs))
+
+    def _restore(self) -> int:
+        """The epoch the wave's checkpoint ends (0 without one), its state put back and its adapters published."""
+        import jax.numpy as jnp
+
+        saved = self.checkpoint.restore()
+        if saved is None:
+            return 0
+        epoch, arrays, state = saved
+        n = len(self.trainable)
+        arrays = [jnp.asarray(a) for a in arrays]
+        self.trainable, self.state, self.alive = arrays[:n], arrays[n:-1], arrays[-1]
+        self.history, self.times = state["history"], state["times"]
+        self.failed = {int(k): v for k, v in state["failed"].items()}
+        for k, run in enumerate(self.runs):
+            for e in range(1, epoch + 1):
+                if self.checkpoint.adapter(run.name, e).is_file():
+                    self.publish(k, e)
+        self.epochs_done = epoch
+        return epoch
 
     def _fits(self) -> bool:
         """Compile the step at the widest width and check its memory against the device's free memory."""
@@ -431,7 +388,7 @@ class _Wave:
     def publish(self, k: int, epoch: int) -> None:
         run = self.runs[k]
         with atomic_path(run.adapter_paths[epoch - 1], suffix=".lora.h5") as tmp:
-            shutil.copyfile(self.checkpoint.adapter(run, epoch), tmp)
+            shutil.copyfile(self.checkpoint.adapter(run.name, epoch), tmp)
 
     def _finish(self, k: int) -> dict[str, Any]:
         import jax
@@ -495,66 +452,5 @@ def _means(rows: np.ndarray) -> tuple[float, float]:
     return float(np.mean(rows[:, 0])), float(rows[:, 1].sum() / max(rows[:, 2].sum(), 1e-9))
 
 
-def _factor_slots(trainable_variables, layers) -> list[tuple[int, int]]:
-    """(layer, 0 for A / 1 for B) of each trainable variable of the training model."""
-    where = {id(layer.lora_kernel_a): (j, 0) for j, layer in enumerate(layers)}
-    where |= {id(layer.lora_kernel_b): (j, 1) for j, layer in enumerate(layers)}
-    unknown = [v.path for v in trainable_variables if id(v) not in where]
-    if unknown:
-        raise ValueError(f"only LoRA factors may train, but these variables are trainable too: {unknown}")
-    return [where[id(v)] for v in trainable_variables]
-
-
 def _wave_name(runs: Sequence[GroupRun]) -> str:
     return "+".join(run.name for run in runs)
-
-
-class _WaveCheckpoint:
-    """A wave's resume state after each epoch: each run's adapter, the stacked arrays, the bookkeeping.
-
-    Kept beside the runs' outputs (Snakemake deletes a job's outputs before
-    it reruns it); every file is written atomically, the JSON last, and a
-    fingerprint of the inputs and settings guards against resuming changed work.
-    """
-
-    def __init__(self, directory: Path, key: str):
-        self.dir, self.key, self.resumed_from = directory, key, 0
-
-    def adapter(self, run: GroupRun, epoch: int) -> Path:
-        return self.dir / run.name / f"adapter_epoch{epoch}.lora.h5"
-
-    def save(self, wave: _Wave, epoch: int) -> None:
-        g = wave.group
-        for k, run in enumerate(wave.runs):
-            if k not in wave.failed:
-                spec = LoraSpec(run.rank, g.settings.lora_targets, g.settings.lora_alpha)
-                write_adapter(self.adapter(run, epoch), spec, g.causal_lm.backbone._lora_enabled_layers, wave.factors(k))
-                wave.publish(k, epoch)
-        with atomic_path(self.dir / "arrays.npz", suffix=".npz") as tmp:
-            np.savez(tmp, *[np.asarray(x) for x in (*wave.trainable, *wave.state, wave.alive)])
-        state = {"fingerprint": self.key, "epoch": epoch, "history": wave.history, "times": wave.times,
-                 "failed": {str(k): v for k, v in wave.failed.items()}}
-        write_json(self.dir / "state.json", state)
-        log.info("epoch %d: adapters of %s saved", epoch, _wave_name(wave.runs))
-
-    def restore(self, wave: _Wave) -> int:
-        import jax.numpy as jnp
-
-        path = self.dir / "state.json"
-        if not path.is_file():
-            return 0
-        state = json.loads(path.read_text())
-        if state["fingerprint"] != self.key:
-            return 0
-        with np.load(self.dir / "arrays.npz") as saved:
-            arrays = [jnp.asarray(saved[f"arr_{i}"]) for i in range(len(saved.files))]
-        n = len(wave.trainable)
-        wave.trainable, wave.state, wave.alive = arrays[:n], arrays[n:-1], arrays[-1]
-        wave.history, wave.times = state["history"], state["times"]
-        wave.failed = {int(k): v for k, v in state["failed"].items()}
-        for k, run in enumerate(wave.runs):
-            for epoch in range(1, state["epoch"] + 1):
-                if self.adapter(run, epoch).is_file():
-                    wave.publish(k, epoch)
-        self.resumed_from = wave.epochs_done = state["epoch"]
-        return self.resumed_from

@@ -210,6 +210,29 @@ def plan_packed_batches(rows: Sequence[tuple[int, ...]], width: int, batch_size:
     return [_batch(width, rows[i : i + batch_size], batch_size) for i in range(0, len(rows), batch_size)]
 
 
+def epoch_batches(
+    lengths: Sequence[int], widths: Sequence[int], batch_size: int, seed: int | None, epoch: int,
+    packed_rows: Sequence[tuple[int, ...]] | None = None,
+) -> list[Batch]:
+    """The batches of one epoch, in an order that is a function of (seed, epoch) alone (input order without a seed).
+
+    That the order depends on the epoch's number, not on how many epochs a
+    process has run, is what lets a resumed run see the batches of an
+    uninterrupted one. With `packed_rows` (one width), the rows are batched.
+    """
+    rng = None if seed is None else np.random.default_rng([seed, epoch])
+    if packed_rows is not None:
+        return plan_packed_batches(packed_rows, widths[0], batch_size, rng)
+    return plan_batches(lengths, widths, batch_size, rng)
+
+
+def stack_batches(batches: Sequence[Batch], examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
+    """Several runs' batches of one step, each padded to the widest of them: [runs, batch, width] arrays."""
+    width = max(b.width for b in batches)
+    inputs = [collate([[examples[i] for i in row] for row in b.rows], width, pad_id, b.real)[0] for b in batches]
+    return {key: np.stack([x[key] for x in inputs]) for key in inputs[0]}
+
+
 def _batch(width: int, rows: Sequence[tuple[int, ...]], batch_size: int) -> Batch:
     """A batch of `rows`, filled up to `batch_size` with repeats of the first, which do not count."""
     return Batch(width, tuple(rows) + (rows[0],) * (batch_size - len(rows)), len(rows))
@@ -272,11 +295,8 @@ def training_batches():
             self.set_epoch(0)
 
         def set_epoch(self, epoch: int) -> None:
-            rng = None if self.seed is None else np.random.default_rng([self.seed, epoch])
-            if self.rows is not None:
-                self.batches = plan_packed_batches(self.rows, self.widths[0], self.batch_size, rng)
-            else:
-                self.batches = plan_batches([ex.length for ex in self.examples], self.widths, self.batch_size, rng)
+            lengths = [ex.length for ex in self.examples]
+            self.batches = epoch_batches(lengths, self.widths, self.batch_size, self.seed, epoch, self.rows)
 
         def __len__(self) -> int:
             return len(self.batches)
