@@ -521,7 +521,10 @@ def software() -> dict[str, str]:
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip() if gpu_name() != "unknown" else ""
+    driver = ""
+    if gpu_name() != "unknown":
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        driver = subprocess.run(query, capture_output=True, text=True).stdout.strip()
     emit(out, phase="environment", gpu=gpu_name(), driver=driver, python=sys.version.split()[0], software=software(), phases=args.phases)
     for phase in args.phases:
         for worker in PHASES[phase](args.model, args.ranks):

@@ -259,7 +259,8 @@ def summarize(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "job_overhead.json").write_text(json.dumps({"records": records, "software": software()}, indent=1) + "\n")
-    lines = ["| model | vocabulary | width x batch | loss tokens | logit values per chunk | full logits ms/step | response-only ms/step | speed-up | full peak GiB | response-only peak GiB | device |",
+    lines = ["| model | vocabulary | width x batch | loss tokens | logit values per chunk | full logits ms/step | response-only ms/step | "
+             "speed-up | full peak GiB | response-only peak GiB | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     full = {(r["model"], r["width"], r["batch"], r["device"]): r for r in records if r["phase"] == "logits" and r["variant"] == "full"}
@@ -312,7 +313,8 @@ def study_table(args) -> None:
         split = "-"
         if t:
             w = group(t)
-            split = (f"{t['load_seconds_this_run']:.1f} / {w['train_compile_seconds'] + w.get('validation_compile_seconds', t['validation_compile_seconds']):.1f} / "
+            compiled = w["train_compile_seconds"] + w.get("validation_compile_seconds", t["validation_compile_seconds"])
+            split = (f"{t['load_seconds_this_run']:.1f} / {compiled:.1f} / "
                      f"{w['train_seconds'] - w['train_compile_seconds']:.1f} / {w['validation_seconds']:.1f}")
         gsplit = "-"
         if gen:
@@ -356,7 +358,8 @@ def paper_grid_table(parts: list[dict], out: Path) -> list[str]:
     total["gpu_utilisation_mean"] = sum(row["gpu_utilisation_mean"] * row["wall_s"] for row in table) / total["wall_s"]
     table.append(total)
     write_csv(out / "paper_2b_grid.csv", table)
-    lines = ["", "| paper grid, Gemma 2B shape | wall s | GPU jobs | GPU jobs s | load s | compile s | steady training s | steady generation s | GPU utilisation |",
+    lines = ["", "| paper grid, Gemma 2B shape | wall s | GPU jobs | GPU jobs s | load s | compile s | steady training s | "
+             "steady generation s | GPU utilisation |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['part']} | {row['wall_s']:.0f} | {row['gpu_jobs']} | {row['gpu_job_s']:.0f} | {row['load_s']:.0f} | {row['compile_s']:.0f} | "

@@ -49,11 +49,13 @@ def test_batching_does_not_change_greedy_answers(base_run, tiny_preset, tiny_dat
 
 
 def test_top_k_is_seeded(tiny_preset, tiny_data, tmp_path):
-    top_k = lambda seed, name: generate(
-        tiny_preset, tiny_data["test"], [tmp_path / f"{name}.jsonl"], [tmp_path / f"{name}.json"], DEFAULT_TEMPLATE,
-        settings={**SETTINGS, "sampler": "top_k", "top_k": 50, "seed": seed},
-    )
-    top_k(1, "a"), top_k(1, "b"), top_k(2, "c")
+    def top_k(seed, name):
+        generate(tiny_preset, tiny_data["test"], [tmp_path / f"{name}.jsonl"], [tmp_path / f"{name}.json"], DEFAULT_TEMPLATE,
+                 settings={**SETTINGS, "sampler": "top_k", "top_k": 50, "seed": seed})
+
+    top_k(1, "a")
+    top_k(1, "b")
+    top_k(2, "c")
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
 
