@@ -7,6 +7,7 @@ import itertools
 import copy
 import html.parser
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -100,6 +101,11 @@ def test_report_is_html_that_embeds_every_figure_and_shows_the_summary(smoke_run
     # Where each job's time went, training and evaluation.
     assert "Which comparisons hold" in text and "seed SD" in text
     assert "Evaluation jobs" in text and "steady tokens/s" in text and "steady new tokens/s" in text and "compile s" in text
+    # The answers shown: which cell (the best by mean over seeds) and which of its seeds.
+    cells = pd.read_csv(smoke_run / paths.CELL_SUMMARY, dtype={"subset": str})
+    tuned = cells[cells["run"] != "base"]
+    best = tuned.loc[tuned["rougeL_mean"].idxmax(), "run"]
+    assert re.search(rf"\w+_s0_epoch\d+ is seed 0 of the best grid cell, {best} ", text), best
     # Opens offline: no image is fetched. (Base64 data may spell "http" by chance, so the sources are checked, not their bytes.)
     assert not any(src.startswith(("http:", "https:", "//")) for src in page.images)
 

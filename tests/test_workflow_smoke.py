@@ -82,7 +82,7 @@ def test_job_logs_carry_no_library_start_up_notices(smoke_run):
         assert not [n for n in notices if n in text], log
 
 
-def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
+def test_export_target_writes_both_exports_of_every_seed_of_the_best_cell(smoke_run):
     import numpy as np
     import pandas as pd
 
@@ -92,11 +92,16 @@ def test_export_target_writes_both_exports_of_the_best_run(smoke_run):
     from workflow_helpers import snakemake
 
     snakemake(smoke_run, "export_best", "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"))
-    (model, run), = chosen_runs(smoke_run / "results" / "summary.csv").items()
-    summary = pd.read_csv(smoke_run / "results" / "summary.csv", dtype={"subset": str})
-    tuned = summary[summary["run"] != "base"]
-    # The best by ROUGE-L; the tiny model's runs may tie, and then the first in the summary's order wins.
-    assert run == tuned[tuned["rougeL_mean"] == tuned["rougeL_mean"].max()].iloc[0]["run"]
+    (model, runs), = chosen_runs(smoke_run / "results" / "summary.csv", smoke_run / "results" / "summary_by_cell.csv").items()
+    cells = pd.read_csv(smoke_run / "results" / "summary_by_cell.csv", dtype={"subset": str})
+    tuned = cells[cells["run"] != "base"]
+    # The best cell by ROUGE-L mean over its seeds (ties: the first in the table's order), each of its two seeds.
+    best = tuned[tuned["rougeL_mean"] == tuned["rougeL_mean"].max()].iloc[0]["run"]
+    subset, rank, epoch = re.fullmatch(r"(\w+)_r(\d+)_epoch(\d+)", best).groups()
+    assert runs == [f"{subset}_r{rank}_s{seed}_epoch{epoch}" for seed in (0, 1)]
+    for other in runs[1:]:
+        assert (smoke_run / "results" / "export" / model / other / "peft" / "adapter_config.json").is_file()
+    run = runs[0]
     out = smoke_run / "results" / "export" / model / run
     assert (out / "peft" / "adapter_config.json").is_file() and (out / "peft" / "adapter_model.safetensors").is_file()
     subset, rank, seed, epoch = re.fullmatch(r"(\w+)_r(\d+)_s(\d+)_epoch(\d+)", run).groups()

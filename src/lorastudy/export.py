@@ -164,14 +164,27 @@ def peft_adapter(
     return config
 
 
-def chosen_runs(summary_path: str | os.PathLike, chosen: dict[str, str] | None = None) -> dict[str, str]:
-    """The run to export per model: as chosen in the config, else the best by ROUGE-L."""
-    from lorastudy.plots import read_summary
-    from lorastudy.summary import best_runs
+def chosen_runs(
+    summary_path: str | os.PathLike, cells_path: str | os.PathLike, chosen: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """The runs to export per model: the one the config names (`export.runs`), else every seed's run of the best grid cell.
 
-    runs = {row["model"]: row["run"] for _, row in best_runs(read_summary(summary_path)).iterrows()}
-    runs.update(chosen or {})
-    return runs
+    The best cell has the highest ROUGE-L mean over its training seeds
+    (summary_by_cell.csv), not the luckiest single seed; each of its seeds is
+    exported, under its own run name.
+    """
+    from lorastudy.paths import BASE
+    from lorastudy.replicates import cell_of_run
+    from lorastudy.summary import best_runs, read_summary
+
+    runs = read_summary(summary_path)
+    tuned = runs[runs["run"] != BASE]
+    out = {
+        cell["model"]: sorted(tuned[(tuned["model"] == cell["model"]) & (tuned["run"].map(cell_of_run) == cell["run"])]["run"])
+        for _, cell in best_runs(read_summary(cells_path)).iterrows()
+    }
+    out.update({model: [run] for model, run in (chosen or {}).items()})
+    return out
 
 
 def export_run(

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lorastudy import paths  # noqa: E402
+from lorastudy.summary import read_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ plt.rcParams.update(
         "svg.hashsalt": "lorastudy",
     }
 )
-
-
-def read_summary(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"subset": str, "run": str, "model": str})
 
 
 def _style(i: int) -> dict:

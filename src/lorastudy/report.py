@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,9 +28,8 @@ import pandas as pd
 from lorastudy import paths
 from lorastudy.data import PUBLISHED_DOLLY_SHA256
 from lorastudy.io import atomic_open, read_jsonl
-from lorastudy.plots import read_summary
 from lorastudy.replicates import by_cell, cell_of_run
-from lorastudy.summary import best_runs
+from lorastudy.summary import best_runs, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ def _answers(runs: Sequence[dict], best: pd.DataFrame, per_category: int) -> lis
         for row in sorted(read(run), key=lambda r: (r["category"], r["id"])):
             if sum(e["category"] == row["category"] for e in examples) < per_category:
                 examples.append({**row, "base": base[row["id"]]["prediction"]})
-        out.append({"model": b["model"], "run": run, "examples": examples})
+        seed = int(re.search(r"_s(\d+)_epoch", run).group(1))
+        out.append({"model": b["model"], "run": run, "cell": b["run"], "seed": seed, "examples": examples})
     return out
 
 

@@ -105,6 +105,11 @@ def summarize(
     return table
 
 
+def read_summary(path: str | os.PathLike) -> pd.DataFrame:
+    """A summary table (per run or per cell), with the columns that name things read as text ("1k", "250")."""
+    return pd.read_csv(path, dtype={"subset": str, "run": str, "model": str})
+
+
 def best_runs(summary: pd.DataFrame, key: str = "rougeL_mean") -> pd.DataFrame:
     """The fine-tuned run with the highest mean `key`, per model."""
     tuned = summary[summary["run"] != paths.BASE]

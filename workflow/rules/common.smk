@@ -125,13 +125,16 @@ def figure_files(ext):
 
 
 def exports_of_chosen_runs(wildcards):
-    # The best run is known once the summary exists: summarize is a checkpoint.
+    # The best cell is known once the summary exists: summarize is a checkpoint.
     from lorastudy.export import chosen_runs
 
-    summary = checkpoints.summarize.get().output.summary
+    summary = checkpoints.summarize.get().output
     return [
         path.replace(paths.RUN, run).format(model=model)
-        for model, run in chosen_runs(summary, config["export"]["runs"]).items()
+        for model, runs in chosen_runs(
+            summary.summary, summary.cells, config["export"]["runs"]
+        ).items()
+        for run in runs
         for path in (paths.EXPORT_MERGED, paths.EXPORT_PEFT)
     ]
 
