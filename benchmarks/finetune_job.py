@@ -223,7 +223,7 @@ def run(args) -> None:
 def load_one(args) -> None:
     """One load in this process; prints its seconds."""
     import lorastudy  # noqa: F401
-    from lorastudy.models import dtype_policies, load_causal_lm
+    from lorastudy.presets import dtype_policies, load_causal_lm
 
     dtype = dtype_policies("auto", training=True)[0]
     started = time.perf_counter()

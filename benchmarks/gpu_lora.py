@@ -38,12 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 import lorastudy  # noqa: E402, F401 - JAX as Keras's backend, and a quiet start, before any keras import
+from lorastudy.presets import ARCHITECTURES  # noqa: E402
 
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}
 # Gemma 2 and 3 with the flags their KerasHub presets set (Gemma 2 is KerasHub's GemmaBackbone).
-GEMMA2 = dict(query_head_dim_normalize=True, use_post_ffw_norm=True, use_post_attention_norm=True,
-              final_logit_soft_cap=30.0, attention_logit_soft_cap=50.0, use_sliding_window_attention=True)
-GEMMA3 = dict(image_size=None, use_post_ffw_norm=True, use_post_attention_norm=True, use_sliding_window_attention=True)
+GEMMA2, GEMMA3 = ARCHITECTURES["gemma2"][1], ARCHITECTURES["gemma3"][1]
 KERAS_GEMMA = {
     "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
                      hidden_dim=2048, intermediate_dim=32768, head_dim=256),
@@ -137,7 +136,7 @@ def keras_gemma(model: str, dtype: str):
 def lora_gemma(model: str, rank: int, precision: str = "auto", training: bool = True):
     """The workflow's model set-up: KerasHub Gemma in the study's dtypes, LoRA enabled."""
     from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies
+    from lorastudy.presets import dtype_policies
 
     dtype, lora_policy = dtype_policies(precision, training=training)
     causal_lm = keras_gemma(model, dtype)

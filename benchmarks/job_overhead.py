@@ -89,7 +89,7 @@ def logits_worker(args) -> None:
 
     from lorastudy.finetune import TrainSettings, compile_for_training, make_optimizer
     from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies, load_causal_lm
+    from lorastudy.presets import dtype_policies, load_causal_lm
 
     out = Path(args.out)
     import lorastudy.loss

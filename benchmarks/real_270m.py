@@ -97,7 +97,8 @@ def _ours(args, preset: Path) -> None:
 
     from lorastudy.generate import GenerateSettings, Generator, make_sampler
     from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import dtype_policies, load_causal_lm, prepare_model
+    from lorastudy.models import prepare_model
+    from lorastudy.presets import dtype_policies, load_causal_lm
 
     out = Path(args.out)
     started = time.perf_counter()

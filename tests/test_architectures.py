@@ -25,7 +25,8 @@ from lorastudy.finetune import finetune
 from lorastudy.generate import generate, load_for_generation, stop_token_ids
 from lorastudy.io import read_jsonl
 from lorastudy.lora import TARGETS, lora_layers, read_spec
-from lorastudy.models import load_causal_lm, prepare_model, preset_architecture
+from lorastudy.models import prepare_model
+from lorastudy.presets import load_causal_lm, preset_architecture
 from lorastudy.prompts import CHAT_TEMPLATE, PromptTemplate
 
 SHAPES = {"gemma2": {"architecture": "gemma2"}, "gemma3": {"architecture": "gemma3", "num_layers": 6}}
@@ -97,10 +98,10 @@ def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_da
 
 def test_without_tensorflow_the_generic_text_preprocessor_serves(preset, tiny_data, tmp_path, monkeypatch):
     """KerasHub's Gemma 3 preprocessor asserts TensorFlow, which GPU machines often lack."""
-    from lorastudy import models
+    from lorastudy import presets
 
     architecture, _ = preset
-    monkeypatch.setattr(models, "tensorflow_available", lambda: False)
+    monkeypatch.setattr(presets, "tensorflow_available", lambda: False)
     path = prepare_model(architecture, {"source": "tiny", "tiny": SHAPES[architecture]}, tmp_path / "preset",
                          train_path=tiny_data["train"], sequence_length=64)
     assert json.loads((path / "preprocessor.json").read_text())["registered_name"] == "keras_hub>CausalLMPreprocessor"
@@ -179,7 +180,7 @@ SPLIT = """
 import json, sys
 import numpy as np
 from lorastudy.distribution import distributed
-from lorastudy.models import attention_heads, load_causal_lm
+from lorastudy.presets import attention_heads, load_causal_lm
 
 preset = sys.argv[1]
 tokens = np.array([[2, *range(40, 63)]] * 2, "int32")

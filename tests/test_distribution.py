@@ -20,7 +20,7 @@ import keras, pandas as pd
 from lorastudy.distribution import distributed
 from lorastudy.finetune import finetune
 from lorastudy.generate import generate
-from lorastudy.models import attention_heads, load_causal_lm
+from lorastudy.presets import attention_heads, load_causal_lm
 from lorastudy.prompts import DEFAULT_TEMPLATE
 
 preset, train, val, test, out = map(Path, sys.argv[1:6])

@@ -10,7 +10,7 @@ import pytest
 
 from lorastudy.export import ExportError, merged_preset, peft_adapter, peft_factors
 from lorastudy.lora import TARGETS, LoraSpec, enable_lora, load_adapter, save_adapter
-from lorastudy.models import load_causal_lm
+from lorastudy.presets import load_causal_lm
 
 TOKENS = np.array([[2, 40, 41, 42, 43, 44, 45, 46]], "int32")
 

@@ -10,7 +10,7 @@ import pytest
 
 from lorastudy.finetune import finetune
 from lorastudy.generate import load_for_generation
-from lorastudy.models import load_causal_lm
+from lorastudy.presets import load_causal_lm
 from lorastudy.prompts import DEFAULT_TEMPLATE
 
 FAST = {"learning_rate": 5e-3, "batch_size": 4, "log_every_n_steps": 2, "sequence_length": 64, "pad_multiple": 32}

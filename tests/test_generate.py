@@ -114,7 +114,7 @@ def test_auto_batch_takes_every_prompt_when_it_fits_else_equal_batches():
 def test_mixed_ranks_and_the_base_in_one_job_answer_as_separate_jobs(tiny_preset, tiny_data, tiny_adapters, tmp_path):
     """LoRA enabled once at the largest rank; each adapter loaded zero-padded; the base is the variables at zero."""
     from lorastudy.lora import LoraSpec, enable_lora, save_adapter
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
 
     other = load_causal_lm(tiny_preset)
     layers = enable_lora(other.backbone, LoraSpec(2))
@@ -138,7 +138,7 @@ def test_mixed_ranks_and_the_base_in_one_job_answer_as_separate_jobs(tiny_preset
 
 def test_adapters_of_other_layers_in_one_job_fail_clearly(tiny_preset, tiny_data, tiny_adapters, tmp_path):
     from lorastudy.lora import AdapterError, LoraSpec, enable_lora, save_adapter
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
 
     other = load_causal_lm(tiny_preset)
     enable_lora(other.backbone, LoraSpec(2, ("query", "key")))
@@ -166,7 +166,7 @@ def test_several_generation_seeds_answer_as_samplers_built_with_each_seed(tiny_p
 
 def test_long_prompts_keep_bos_and_their_last_tokens(tiny_preset):
     from lorastudy.generate import prompt_token_ids
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
 
     tokenizer = load_causal_lm(tiny_preset).preprocessor.tokenizer
     prompts = ["short", "a much longer prompt " * 20]

@@ -33,7 +33,7 @@ PARAGRAPH = (
 
 @pytest.fixture(scope="module")
 def gemma3(gemma3_preset):
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
 
     return load_causal_lm(gemma3_preset)
 

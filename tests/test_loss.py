@@ -71,7 +71,7 @@ def test_the_training_model_equals_kerashub_logits_with_keras_cross_entropy(tiny
 
     from lorastudy.finetune import TrainSettings, compile_for_training
     from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
 
     causal_lm = load_causal_lm(tiny_preset)
     enable_lora(causal_lm.backbone, LoraSpec(4))
@@ -112,7 +112,7 @@ def assert_packed_rows_score_each_record_alone(preset) -> None:
     LoRA gradient as a batch of the records alone does; without segments, they would see each other."""
     from lorastudy.lora import LoraSpec, enable_lora
     from lorastudy.loss import response_loss_model
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
     from lorastudy.tokens import Example, collate
 
     causal_lm = load_causal_lm(preset)

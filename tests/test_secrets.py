@@ -9,7 +9,8 @@ import yaml
 from dolly_like import SMOKE_DATA
 from workflow_helpers import FAKE_SECRETS, REPO, snakemake, write_config
 
-from lorastudy.models import ModelError, prepare_model
+from lorastudy.models import prepare_model
+from lorastudy.presets import ModelError
 
 def test_unknown_preset_names_the_key_and_lists_the_known_ones(tmp_path):
     with pytest.raises(ModelError) as error:

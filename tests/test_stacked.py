@@ -179,7 +179,7 @@ def _numbers(history) -> list[tuple]:
 def factors(preset, adapter) -> list[tuple[np.ndarray, np.ndarray]]:
     """An adapter file's factors, read at the layer indices of `preset` with LoRA on its layers."""
     from lorastudy.lora import LoraSpec, enable_lora
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
 
     backbone = load_causal_lm(preset).backbone
     spec = read_spec(adapter)

@@ -160,7 +160,7 @@ def test_compile_time_is_weighed_against_padding_saved():
 
 
 def test_token_lists_with_the_kerashub_tokenizer(tiny_preset):
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
 
     tokenizer = load_causal_lm(tiny_preset).preprocessor.tokenizer
     ids = token_lists(tokenizer, ["river city", "ocean"])

@@ -88,7 +88,7 @@ def test_export_target_writes_both_exports_of_every_seed_of_the_best_cell(smoke_
 
     from lorastudy.export import chosen_runs
     from lorastudy.lora import load_adapter
-    from lorastudy.models import load_causal_lm
+    from lorastudy.presets import load_causal_lm
     from workflow_helpers import snakemake
 
     snakemake(smoke_run, "export_best", "--cores", "2", "--configfile", str(REPO / "config" / "smoke.yaml"))

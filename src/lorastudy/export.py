@@ -29,7 +29,7 @@ import numpy as np
 
 from lorastudy.io import atomic_dir
 from lorastudy.lora import LoraSpec, load_adapter, lora_layers
-from lorastudy.models import load_causal_lm
+from lorastudy.presets import load_causal_lm
 
 log = logging.getLogger(__name__)
 

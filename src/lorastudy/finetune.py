@@ -40,7 +40,7 @@ from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.distribution import distributed
 from lorastudy.io import atomic_open, atomic_path, read_jsonl, write_json
 from lorastudy.lora import DEFAULT_TARGETS, LoraSpec, enable_lora, initial_factors, set_factors
-from lorastudy.models import architecture, attention_heads, dtype_policies, load_causal_lm
+from lorastudy.presets import architecture, attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import Example, choose_widths, encode_examples, training_batches
 

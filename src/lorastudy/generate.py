@@ -27,7 +27,7 @@ from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.distribution import distributed, shard_batch
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_adapter, load_padded_adapter, lora_layers, read_spec, set_factors
-from lorastudy.models import attention_heads, dtype_policies, load_causal_lm
+from lorastudy.presets import attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy.presets import ARCHITECTURES, causal_lm_preprocessor
 from lorastudy.quiet import filtered_stderr
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ def backbone_config(reader) -> dict[str, Any]:
     if int(m("attention.value_length")) != head_dim:
         raise GGUFError("key and value head sizes differ; Gemma 3 has one head_dim")
     return {
+        **ARCHITECTURES["gemma3"][1],
         "vocabulary_size": len(_field(reader, "tokenizer.ggml.tokens")),
-        "image_size": None,
         "num_layers": int(m("block_count")),
         "num_query_heads": int(m("attention.head_count")),
         "num_key_value_heads": int(m("attention.head_count_kv")),
@@ -77,11 +78,8 @@ def backbone_config(reader) -> dict[str, Any]:
         # Gemma 3 270M scales queries by head_dim ** -0.5 (query_pre_attn_scalar = head_dim).
         "query_head_dim_normalize": True,
         "use_query_key_norm": True,
-        "use_post_ffw_norm": True,
-        "use_post_attention_norm": True,
         "attention_logit_soft_cap": None,
         "final_logit_soft_cap": None,
-        "use_sliding_window_attention": True,
         "sliding_window_size": int(m("attention.sliding_window")),
         "local_rope_scaling_factor": 1.0,
         "global_rope_scaling_factor": 1.0,
@@ -181,8 +179,6 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, sequence
     """Convert a Gemma 3 text GGUF into a KerasHub Gemma3 preset at `dest`."""
     import gguf
     import keras_hub
-
-    from lorastudy.models import causal_lm_preprocessor
 
     reader = gguf.GGUFReader(str(gguf_path))
     config = backbone_config(reader)

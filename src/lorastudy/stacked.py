@@ -59,7 +59,7 @@ from lorastudy.finetune import (
 )
 from lorastudy.io import atomic_path, write_json
 from lorastudy.lora import LoraSpec, enable_lora, initial_factors, pad_rank, write_adapter
-from lorastudy.models import architecture, dtype_policies, load_causal_lm
+from lorastudy.presets import architecture, dtype_policies, load_causal_lm
 from lorastudy.stacked_step import factor_slots, fits_device, stacked_steps, without_fused_attention
 from lorastudy.tokens import Batch, Example, epoch_batches, pack_rows, stack_batches
 

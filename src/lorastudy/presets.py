@@ -1,0 +1,153 @@
+"""Loading a prepared model: a KerasHub preset directory as a CausalLM, in the precision a job asks for.
+
+A leaf of the package: every stage that loads a model (finetune, generate,
+export) and every place that builds one (the model stage, the GGUF
+converter) takes what it needs from here, and this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lorastudy.quiet import filtered_stderr
+
+
+class ModelError(RuntimeError):
+    """A model cannot be prepared or loaded; the message says which and why."""
+
+
+def dtype_policies(precision: str = "auto", training: bool = True) -> tuple[str, str | None]:
+    """The dtype to load a model with, and the policy of its LoRA layers (None: the same).
+
+    - `float32`: everything in float32 (what `auto` means on a CPU).
+    - `bfloat16` (what `auto` means on a GPU): the frozen base weights are
+      stored and used in bfloat16, the LoRA layers compute in bfloat16 but
+      keep their trainable factors, and so the optimizer state, in float32.
+      Mixed precision where it matters, without Keras's mixed policy's float32
+      copy of every frozen weight, which costs memory and a cast per step.
+    - `mixed_bfloat16`: Keras's mixed policy, float32 variables everywhere.
+    For generation the LoRA factors need no float32 copy.
+    """
+    if precision == "auto":
+        import jax
+
+        precision = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    if precision == "bfloat16":
+        return "bfloat16", ("mixed_bfloat16" if training else None)
+    return precision, None
+
+
+def attention_heads(preset: str | os.PathLike) -> tuple[int, int] | None:
+    """A prepared preset's (query heads, key/value heads), from its config.json; None if it has none."""
+    config_path = Path(preset) / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())["config"]
+    return config["num_query_heads"], config["num_key_value_heads"]
+
+
+def tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def causal_lm_preprocessor(cls, tokenizer, sequence_length: int):
+    """A `cls` preprocessor, or without TensorFlow KerasHub's generic text one.
+
+    KerasHub's Gemma 3 preprocessor insists on TensorFlow (for its images),
+    which a GPU machine often lacks. This study tokenizes itself and uses the
+    preprocessor only to carry the tokenizer, so the generic one serves.
+    """
+    import keras_hub
+
+    if not tensorflow_available():
+        cls = keras_hub.models.CausalLMPreprocessor
+    return cls(tokenizer, sequence_length=sequence_length)
+
+
+def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
+    """Load a prepared preset (or any KerasHub preset) as a CausalLM task."""
+    import keras_hub
+
+    with filtered_stderr(), weights_from_the_preset():
+        if tensorflow_available():
+            return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
+        # Without TensorFlow, the generic text preprocessor (see causal_lm_preprocessor).
+        preprocessor = keras_hub.models.CausalLMPreprocessor(keras_hub.tokenizers.Tokenizer.from_preset(str(preset)))
+        return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype, preprocessor=preprocessor)
+
+
+@contextmanager
+def weights_from_the_preset() -> Iterator[None]:
+    """Variables made here start as zeros instead of random draws: the preset's weights overwrite every one.
+
+    `from_preset` builds the model with its initializers, then loads the
+    file over them. Drawing Gemma 2B's 2.5 billion random numbers first took
+    24 of a 30-second load on a CPU (benchmarks/results/finetune_job.md).
+    Only random initializers are replaced; constants (norm scales, seeds)
+    keep theirs. Keras offers no switch for this, hence the one patched
+    method, restored on exit.
+    """
+    import keras
+
+    variable = keras.Variable  # the backend's variable class
+    draw = variable._initialize_with_initializer
+    zeros, i = keras.initializers.Zeros(), keras.initializers
+    random = (i.RandomNormal, i.RandomUniform, i.TruncatedNormal, i.VarianceScaling, i.Orthogonal)
+
+    def without_draws(self, initializer):
+        return draw(self, zeros if isinstance(initializer, random) else initializer)
+
+    variable._initialize_with_initializer = without_draws
+    try:
+        yield
+    finally:
+        variable._initialize_with_initializer = draw
+
+
+# What makes a Gemma a Gemma 2 or a Gemma 3, in KerasHub's own classes and
+# flags (Gemma 2 is KerasHub's GemmaBackbone with these on): sliding-window
+# attention in alternate layers (Gemma 3: five of every six), logit
+# soft-capping (Gemma 2), query/key norms and two RoPE wavelengths (Gemma 3).
+# The window's size is each model's own. Defined here once: the tiny builder,
+# the GGUF converter and the GPU benchmark's shapes all take their flags.
+ARCHITECTURES = {
+    "gemma": ("Gemma", {}),
+    "gemma2": ("Gemma", {
+        "query_head_dim_normalize": True,
+        "use_post_ffw_norm": True,
+        "use_post_attention_norm": True,
+        "final_logit_soft_cap": 30.0,
+        "attention_logit_soft_cap": 50.0,
+        "use_sliding_window_attention": True,
+    }),
+    "gemma3": ("Gemma3", {
+        "image_size": None,
+        "use_post_ffw_norm": True,
+        "use_post_attention_norm": True,
+        "use_sliding_window_attention": True,
+    }),
+}
+
+
+def _architecture(class_name: str, post_ffw_norm: bool) -> str:
+    if class_name.endswith("Gemma3Backbone"):
+        return "gemma3"
+    if class_name.endswith("GemmaBackbone"):
+        return "gemma2" if post_ffw_norm else "gemma"
+    raise ModelError(f"not a Gemma backbone of KerasHub: {class_name or 'no class name'}")
+
+
+def architecture(backbone) -> str:
+    """`gemma`, `gemma2` or `gemma3`, from a KerasHub backbone's class and flags (never its preset's name)."""
+    return _architecture(type(backbone).__name__, bool(getattr(backbone, "use_post_ffw_norm", False)))
+
+
+def preset_architecture(preset: str | os.PathLike) -> str:
+    """The architecture of a prepared preset directory, from its config.json."""
+    config = json.loads((Path(preset) / "config.json").read_text())
+    return _architecture(config.get("registered_name", ""), bool(config["config"].get("use_post_ffw_norm")))

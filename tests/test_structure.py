@@ -1,0 +1,41 @@
+"""The package's shape: no module imports another that imports it back, at any depth or inside any function."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "lorastudy"
+
+
+def imports_of(path) -> set[str]:
+    """The lorastudy modules a module imports, at its top or inside its functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorastudy"):
+            found.add(node.module)
+            if node.module == "lorastudy":  # from lorastudy import paths
+                found |= {f"lorastudy.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("lorastudy.")}
+    return found
+
+
+def test_no_import_cycle():
+    modules = {f"lorastudy.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {name: imports_of(path) & modules.keys() for name, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for other in sorted(graph[name]):
+            assert state.get(other) != "open", "import cycle: " + " -> ".join([*trail, name, other])
+            if other not in state:
+                visit(other, [*trail, name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert "lorastudy.presets" in graph and not graph["lorastudy.presets"] - {"lorastudy.quiet"}, "presets is a leaf"
