@@ -2,7 +2,7 @@
 
 Each stage of the Snakemake DAG is one module here (`data`, `prompts`,
 `models`, `finetune`, `generate`, `scoring`, `plots`, `report`); the rule
-scripts under `scripts/` only read `snakemake.*` and call one function.
+scripts under `workflow/scripts/` only read `snakemake.*` and call one function.
 """
 
 import os

@@ -16,7 +16,7 @@ rule download_dolly:
         size_bytes=config["dolly"]["size_bytes"],
         local_copy=config["dolly"]["local_copy"],
     script:
-        "../../scripts/download_dolly.py"
+        "../scripts/download_dolly.py"
 
 
 rule filter_context:
@@ -33,7 +33,7 @@ rule filter_context:
         # A function, so that Snakemake does not read {instruction} as a wildcard.
         context_template=lambda wildcards: config["prompt"]["context_template"],
     script:
-        "../../scripts/filter_context.py"
+        "../scripts/filter_context.py"
 
 
 rule split:
@@ -56,4 +56,4 @@ rule split:
         val_size=config["data"]["val_size"],
         seed=config["data"]["seed"],
     script:
-        "../../scripts/split.py"
+        "../scripts/split.py"

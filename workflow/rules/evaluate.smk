@@ -40,10 +40,8 @@ if config["jobs"] == "grouped":
             template=prompt_template_of_model,
             settings=settings("generate"),
             compilation_cache=config["compilation_cache"],
-            # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
-            gpus=resource("generate", "gpu"),
         script:
-            "../../scripts/generate.py"
+            "../scripts/generate.py"
 
 else:
 
@@ -70,10 +68,8 @@ else:
             template=prompt_template_of_model,
             settings=settings("generate"),
             compilation_cache=config["compilation_cache"],
-            # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
-            gpus=resource("generate", "gpu"),
         script:
-            "../../scripts/generate.py"
+            "../scripts/generate.py"
 
     # One job per finetune run answers for every epoch of the grid: the base model
     # is loaded and its generation compiled once, then each epoch's adapter is
@@ -109,10 +105,8 @@ else:
             template=prompt_template_of_model,
             settings=settings("generate"),
             compilation_cache=config["compilation_cache"],
-            # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
-            gpus=resource("generate", "gpu"),
         script:
-            "../../scripts/generate.py"
+            "../scripts/generate.py"
 
 
 rule score:
@@ -127,4 +121,4 @@ rule score:
     params:
         **config["score"],
     script:
-        "../../scripts/score.py"
+        "../scripts/score.py"

@@ -19,7 +19,7 @@ rule export:
             wildcards.model
         ].get("hf_name"),
     script:
-        "../../scripts/export.py"
+        "../scripts/export.py"
 
 
 rule export_best:

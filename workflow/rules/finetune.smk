@@ -33,10 +33,8 @@ if config["jobs"] == "grouped":
                 model=wildcards.model, subset=wildcards.subset
             ),
             compilation_cache=config["compilation_cache"],
-            # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
-            gpus=resource("finetune", "gpu"),
         script:
-            "../../scripts/finetune_group.py"
+            "../scripts/finetune_group.py"
 
 else:
 
@@ -68,7 +66,5 @@ else:
             settings=lambda wildcards: model_settings(config, wildcards.model, "train")
             | {"seed": int(wildcards.seed)},
             compilation_cache=config["compilation_cache"],
-            # The job is pinned to this many of the machine's GPUs (lorastudy.gpus).
-            gpus=resource("finetune", "gpu"),
         script:
-            "../../scripts/finetune.py"
+            "../scripts/finetune.py"

@@ -22,4 +22,4 @@ rule prepare_model:
         )["sequence_length"],
         seed=config["data"]["seed"],
     script:
-        "../../scripts/prepare_model.py"
+        "../scripts/prepare_model.py"

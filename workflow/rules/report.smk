@@ -22,7 +22,7 @@ checkpoint summarize:
         **config["score"],
         runs=RUNS,
     script:
-        "../../scripts/summarize.py"
+        "../scripts/summarize.py"
 
 
 rule figures:
@@ -48,7 +48,7 @@ rule figures:
     params:
         runs=RUNS,
     script:
-        "../../scripts/figures.py"
+        "../scripts/figures.py"
 
 
 rule report:
@@ -76,4 +76,4 @@ rule report:
         repo=workflow.basedir,
         examples_per_category=config["report"]["examples_per_category"],
     script:
-        "../../scripts/report.py"
+        "../scripts/report.py"

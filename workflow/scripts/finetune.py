@@ -3,7 +3,8 @@ from lorastudy.gpus import claimed_gpus
 from lorastudy.logs import logging_to
 
 params = dict(snakemake.params)
-with logging_to(snakemake.log[0]), claimed_gpus(params.pop("gpus")):
+# The job is pinned to as many of the machine's GPUs as it asked for (lorastudy.gpus).
+with logging_to(snakemake.log[0]), claimed_gpus(snakemake.resources.gpu):
     finetune(
         snakemake.input.preset,
         train_path=snakemake.input.train,
