@@ -185,3 +185,22 @@ def factors(preset, adapter) -> list[tuple[np.ndarray, np.ndarray]]:
     spec = read_spec(adapter)
     enable_lora(backbone, LoraSpec(spec.rank, spec.targets))
     return read_factors(adapter, backbone._lora_enabled_layers)
+
+
+def test_a_wave_checkpoint_killed_between_its_writes_resumes_from_the_complete_epoch(tmp_path, monkeypatch):
+    """A kill after the next epoch's arrays are written but before its state: the last state names its own arrays."""
+    from lorastudy import checkpoints
+
+    saved = checkpoints.WaveCheckpoint(tmp_path, "key")
+    saved.save(1, [np.ones(3)], {"history": [1]})
+
+    def killed(path, obj):
+        raise KeyboardInterrupt("killed before the state was written")
+
+    monkeypatch.setattr(checkpoints, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        saved.save(2, [np.full(3, 2.0)], {"history": [1, 2]})
+    epoch, arrays, state = checkpoints.WaveCheckpoint(tmp_path, "key").restore()
+    assert epoch == 1 and state["history"] == [1]
+    np.testing.assert_array_equal(arrays[0], np.ones(3))
+    assert checkpoints.WaveCheckpoint(tmp_path, "another key").restore() is None

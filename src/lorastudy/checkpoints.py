@@ -86,9 +86,14 @@ class WaveCheckpoint:
         return self.dir / run / f"adapter_epoch{epoch}.lora.h5"
 
     def save(self, epoch: int, arrays: Sequence[Any], state: dict[str, Any]) -> None:
-        with atomic_path(self.dir / "arrays.npz", suffix=".npz") as tmp:
+        # The arrays of each epoch under a name of their own, so that a kill
+        # between the two writes leaves state.json naming complete arrays.
+        name = f"arrays_epoch{epoch}.npz"
+        with atomic_path(self.dir / name, suffix=".npz") as tmp:
             np.savez(tmp, *[np.asarray(a) for a in arrays])
-        write_json(self.dir / "state.json", {"fingerprint": self.fingerprint, "epoch": epoch, **state})
+        write_json(self.dir / "state.json", {"fingerprint": self.fingerprint, "epoch": epoch, "arrays": name, **state})
+        for old in range(1, epoch):
+            (self.dir / f"arrays_epoch{old}.npz").unlink(missing_ok=True)
 
     def restore(self) -> tuple[int, list[np.ndarray], dict[str, Any]] | None:
         """(epoch, arrays, state) of the last finished epoch, or None if there is none for this fingerprint."""
@@ -98,7 +103,7 @@ class WaveCheckpoint:
         state = json.loads(path.read_text())
         if state["fingerprint"] != self.fingerprint:
             return None
-        with np.load(self.dir / "arrays.npz") as saved:
+        with np.load(self.dir / state["arrays"]) as saved:
             arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
         self.resumed_from = state["epoch"]
         return state["epoch"], arrays, state
