@@ -26,7 +26,7 @@ import numpy as np
 from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.distribution import distributed, shard_batch
 from lorastudy.io import read_jsonl, write_json, write_jsonl
-from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_adapter, load_padded_adapter, lora_layers, read_spec, set_factors
+from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_padded_adapter, lora_layers, read_spec, set_factors
 from lorastudy.presets import attention_heads, dtype_policies, load_causal_lm
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
@@ -87,11 +87,8 @@ def load_for_generation(
     With `rank`, an adapter file of another rank fails with a message naming
     the file and both ranks.
     """
-    settings = settings or GenerateSettings()
-    causal_lm = load_causal_lm(preset, dtype=dtype_policies(settings.precision, training=False)[0])
-    if adapter is not None:
-        load_adapter(causal_lm.backbone, adapter, expected_rank=rank)
-    causal_lm.compile(sampler=make_sampler(settings))
+    causal_lm = load_with_lora_for(preset, [] if adapter is None else [adapter], rank, settings or GenerateSettings())
+    use_adapter(causal_lm.backbone, adapter)
     return causal_lm
 
 

@@ -200,9 +200,9 @@ class _Trainer:
     def train(self, runs: Sequence[GroupRun]) -> list[dict[str, Any]]:
         """Train one wave (one LoRA scale), split further where the device's memory asks; each run's stats."""
         g, s = self.group, self.group.settings
-        spec = [LoraSpec(run.rank, s.lora_targets, s.lora_alpha) for run in runs]
+        scale = LoraSpec(runs[0].rank, s.lora_targets, s.lora_alpha).scale  # one per wave (waves_by_scale)
         for layer in g.layers:
-            layer.lora_alpha = spec[0].scale * g.rank
+            layer.lora_alpha = scale * g.rank
         size = len(runs) if s.stack_size == "auto" else min(len(runs), int(s.stack_size))
         done: list[dict[str, Any]] = []
         while len(done) < len(runs):
@@ -242,7 +242,6 @@ class _Wave:
         self.history: list[list[dict[str, Any]]] = [[] for _ in self.runs]
         self.times = dict.fromkeys(("train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds"), 0.0)
         self.failed: dict[int, str] = {}
-        self.epochs_done = 0
         self.device = jax.devices()[0]
         key = [g.preset, [dataclasses.asdict(r) | {"stats_path": None} for r in self.runs], g.template,
                dataclasses.asdict(s), g.dtype, g.rank]
@@ -295,7 +294,6 @@ class _Wave:
             for e in range(1, epoch + 1):
                 if self.checkpoint.adapter(run.name, e).is_file():
                     self.publish(k, e)
-        self.epochs_done = epoch
         return epoch
 
     def _fits(self) -> bool:
@@ -376,7 +374,6 @@ class _Wave:
                 "train_seconds": self.times["train_seconds"] / len(self.runs), "steady_train_seconds": steady,
                 "loss": loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
             })
-        self.epochs_done = epoch + 1
 
     # -- outputs -------------------------------------------------------------
 
