@@ -3,7 +3,7 @@
 # The whole sequence runs longer than one device call, so `start` launches it
 # in a session of its own and `wait` follows it over later calls (/tmp stays
 # while the machine is warm). Wheels of what the image lacks: .whl/ (the study's)
-# and .whl18/ (trl).
+# and .whl18/ (trl, liger-kernel).
 #   [JOBS="ours ours trl:packing+compile"] [JOB_TIMEOUT=s] [LOADS=2] bash benchmarks/finetune_job_gpu.sh start|wait
 set -euo pipefail
 out=${OUT:-/tmp/finetune_job_out}
@@ -13,10 +13,9 @@ mkdir -p "$out" "$results"
 case $1 in
   start) setsid nohup bash "$0" sequence > /tmp/finetune_job.out 2>&1 < /dev/null & sleep 20 ;;
   sequence)
-    export PYTHONUNBUFFERED=1
-    site=/tmp/site
-    [ -d $site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site .whl/*.whl .whl18/trl-*.whl
-    export PYTHONPATH=$site:$PWD/src
+    . benchmarks/device_setup.sh
+    [ -d /tmp/site18 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site18 .whl18/*.whl
+    export PYTHONPATH=/tmp/site18:$site:$PWD/src
     [ -f $work/preset/config.json ] || { /usr/bin/time -v python3 benchmarks/finetune_job.py prepare --work $work 2>&1 | tail -30; }
     # Each of our batchings twice (empty, then warm compilation cache), then TRL's, eager and compiled.
     jobs=${JOBS:-ours+packing ours+packing ours ours trl:packing trl:packing+nockpt trl:packing+nockpt+liger trl:packing+compile trl:padded trl:padding_free trl:padding_free+compile}

@@ -325,8 +325,9 @@ def study_table(args) -> None:
         status = "" if r["returncode"] == 0 else " (failed: see note)"
         lines.append(f"| {r['machine']} | {r['label']}{status} | {r['seconds']:.0f} | {busy} | {total('prepare_model'):.0f} | "
                      f"{total('finetune'):.0f} | {total('generate') + total('generate_base'):.0f} | {split} | {gsplit} | {side} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = f"# {study['title']}\n\n{study['summary']}\n\n" + "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
 
 
 def paper_grid_table(parts: list[dict], out: Path) -> list[str]:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 from test_export import random_adapter, transformers_logits
@@ -205,3 +206,23 @@ def test_weights_split_over_two_devices_give_the_same_logits(preset):
     assert result["difference"] < 1e-5
     # Two query heads split by head; the feed-forward gate along its output axis.
     assert result["specs"] == [["model", "batch", None], ["batch", "model"]]
+
+
+def test_a_tiny_model_in_bfloat16_is_stored_and_loaded_as_kaggles_presets_are(tiny_data, tmp_path):
+    """Stand-ins of a real preset's shape keep its precision on disk (half the bytes to write and read)."""
+    shape = {"dtype": "bfloat16"}
+    path = prepare_model("gemma", {"source": "tiny", "tiny": shape}, tmp_path / "preset", train_path=tiny_data["train"], sequence_length=64)
+    assert json.loads((path / "config.json").read_text())["config"]["dtype"]["config"]["name"] == "bfloat16"
+    with h5py.File(path / "model.weights.h5") as f:
+        floats = [f[name].attrs.get("dtype") for name in _datasets(f) if f[name].dtype.kind != "i"]
+    assert floats and set(floats) == {"bfloat16"}
+    assert load_causal_lm(path, dtype="bfloat16").backbone.token_embedding.embeddings.dtype == "bfloat16"
+    assert load_causal_lm(path, dtype="float32").backbone.token_embedding.embeddings.dtype == "float32"
+
+
+def _datasets(group, prefix=""):
+    for key, item in group.items():
+        if isinstance(item, h5py.Group):
+            yield from _datasets(item, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}"

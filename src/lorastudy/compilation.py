@@ -40,7 +40,7 @@ class CacheSettings:
 
     dir: str | None = ".cache/jax"
     max_size_gb: float = 20.0
-    min_compile_seconds: float = 0.5
+    min_compile_seconds: float = 0.0
 
 
 def use_compilation_cache(settings: CacheSettings | dict | None) -> str | None:

@@ -110,13 +110,14 @@ def build_tiny_gemma(
     sequence_length: int = 256,
     seed: int = 0,
 ) -> None:
-    """Save a random-weight Gemma (`shape["architecture"]`, default gemma), with a tokenizer trained on `records`."""
+    """Save a random-weight Gemma (`shape["architecture"]`, default gemma; `shape["dtype"]`, default float32), with a tokenizer trained on `records`."""
     import keras
     import keras_hub
 
     texts = [t for r in records for t in (r["instruction"], r["response"])]
     shape = dict(shape)
     architecture = shape.pop("architecture", "gemma")
+    dtype = shape.pop("dtype", "float32")
     prefix, flags = ARCHITECTURES[architecture]
     if flags.get("use_sliding_window_attention"):
         # Short, so that the test sequences cross it.
@@ -129,7 +130,7 @@ def build_tiny_gemma(
         else:
             tokenizer = classes.GemmaTokenizer(proto=proto)
     keras.utils.set_random_seed(seed)
-    backbone = getattr(classes, f"{prefix}Backbone")(vocabulary_size=tokenizer.vocabulary_size(), **{**flags, **shape})
+    backbone = getattr(classes, f"{prefix}Backbone")(vocabulary_size=tokenizer.vocabulary_size(), dtype=dtype, **{**flags, **shape})
     preprocessor = causal_lm_preprocessor(getattr(classes, f"{prefix}CausalLMPreprocessor"), tokenizer, sequence_length)
     getattr(classes, f"{prefix}CausalLM")(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(dest))
     log.info("tiny %s: %d parameters, vocabulary %d", type(backbone).__name__, backbone.count_params(), tokenizer.vocabulary_size())
