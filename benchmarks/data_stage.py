@@ -1,9 +1,9 @@
 """Time the data rules (download from an offline copy, filter, split) on a full-size Dolly file.
 
-    python benchmarks/data_stage.py [--dolly databricks-dolly-15k.jsonl]
+    python -m benchmarks.data_stage [--dolly databricks-dolly-15k.jsonl]
 
 Without --dolly, a file of Dolly's size and length profile is made (15,011
-records, tests/dolly_like.py). The three rules run through Snakemake itself,
+records, `lorastudy control made-up`). The three rules run through Snakemake itself,
 as a user runs them. Prints the figures and writes benchmarks/results/data_stage.json.
 """
 
@@ -14,16 +14,17 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+import yaml
 
-from dolly_like import make_dolly_full_size  # noqa: E402
-from workflow_helpers import snakemake, write_config  # noqa: E402
+from lorastudy.controls import make_dolly_full_size
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -39,10 +40,11 @@ def main() -> None:
             "models": {"tiny": {"source": "tiny"}},
             "grid": {"models": ["tiny"], "subsets": ["1k"], "ranks": [4], "epochs": [1]},
         }
-        write_config(tmp / "config.yaml", config)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
         started = time.perf_counter()
-        snakemake(tmp, "results/data/split_counts.csv", "--cores", "2", "--configfile", str(tmp / "config.yaml"),
-                  env={"LORASTUDY_DOLLY_JSONL": str(dolly)})
+        subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(tmp),
+                        "results/data/split_counts.csv", "--cores", "2", "--configfile", str(tmp / "config.yaml")],
+                       env={**os.environ, "LORASTUDY_DOLLY_JSONL": str(dolly)}, check=True, capture_output=True)
         seconds = time.perf_counter() - started
         counts = (tmp / "results/data/split_counts.csv").read_text().splitlines()[-1]
     result = {

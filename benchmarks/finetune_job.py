@@ -1,11 +1,11 @@
 """A finetune job end to end, process start to saved adapter: ours against TRL's SFTTrainer (issue 18, item 2).
 
-    python benchmarks/finetune_job.py prepare --work W [--model gemma_2b]
-    python benchmarks/finetune_job.py run --work W --out DIR --jobs ours ours ours+packing trl:packing+compile ...
-    python benchmarks/finetune_job.py summarize --results DIR/results.jsonl ... --out benchmarks/results
+    python -m benchmarks.finetune_job prepare --work W [--model gemma_2b]
+    python -m benchmarks.finetune_job run --work W --out DIR --jobs ours ours ours+packing trl:packing+compile ...
+    python -m benchmarks.finetune_job summarize --results DIR/results.jsonl ... --out benchmarks/results
 
 `prepare` writes, under W, what both sides start from: the made-up
-full-size Dolly file (tests/dolly_like.py, Dolly's length profile), the
+full-size Dolly file (`lorastudy control made-up`: Dolly's length profile), the
 study's own filter and split into a 1k training subset and the 200-record
 validation split; a SentencePiece tokenizer trained on those records; and
 one random-weight model of KerasHub's shape of `--model` (vocabulary 256k,
@@ -51,12 +51,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "tests"))
-
-from gpu_lora import KERAS_GEMMA, emit, gpu_name, hf_config, run_worker, software, write_csv  # noqa: E402
-from lorastudy.prompts import DEFAULT_TEMPLATE as TEMPLATE  # noqa: E402
+from benchmarks.gemma_shapes import KERAS_GEMMA, hf_config
+from benchmarks.harness import emit, gpu_name, run_worker, software, write_csv
+from lorastudy.prompts import DEFAULT_TEMPLATE as TEMPLATE
 
 # The paper's settings for Gemma 2B (config/paper.yaml) and a tokenizer
 # whose pieces make records about as long as Gemma's tokenizer makes them.
@@ -74,7 +71,7 @@ def prepare(args) -> None:
     import keras_hub
 
     import lorastudy  # noqa: F401 - JAX as Keras's backend, a quiet start
-    from dolly_like import make_dolly_full_size
+    from lorastudy.controls import make_dolly_full_size
     from lorastudy.data import filter_context, split_dolly
     from lorastudy.io import read_jsonl
     from lorastudy.models import train_gemma_tokenizer
@@ -235,7 +232,7 @@ def run(args) -> None:
             # The first job of each of our batchings compiles its programs from nothing.
             shutil.rmtree(paths(Path(args.work))["jax_cache"], ignore_errors=True)
         run_dir = Path(args.work) / "runs" / f"{i}_{route.replace(':', '_').replace('+', '_')}"
-        done, wall_s = run_worker([__file__, "job", "--work", args.work, "--route", name, "--run-dir", str(run_dir)], out,
+        done, wall_s = run_worker("benchmarks.finetune_job", ["job", "--work", args.work, "--route", name, "--run-dir", str(run_dir)], out,
                                   timeout=args.job_timeout, TOKENIZERS_PARALLELISM="false")
         adapters = sorted(str(a.relative_to(run_dir)) for a in run_dir.rglob("*") if a.name == "adapter_model.safetensors" or a.suffix == ".h5")
         record = dict(phase="job", framework=route.replace("trl:", "trl ").replace("+", " "), model=args.model, route=route,
@@ -280,7 +277,8 @@ def load(args) -> None:
     emit(out, phase="environment", gpu=gpu_name(), python=sys.version.split()[0], software=software())
     for repeat in range(args.repeats):
         for loader in LOADERS:
-            done, seconds = run_worker([__file__, "load-one", "--preset", args.preset, "--loader", loader, "--out-cache", str(out / "caches")], out)
+            worker = ["load-one", "--preset", args.preset, "--loader", loader, "--out-cache", str(out / "caches")]
+            done, seconds = run_worker("benchmarks.finetune_job", worker, out)
             done.check_returncode()
             emit(out, phase="load", loader=loader, preset=args.preset, repeat=repeat, process_s=seconds,
                  **json.loads(done.stdout.strip().splitlines()[-1]), gpu=gpu_name())

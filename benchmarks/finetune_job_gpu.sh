@@ -16,12 +16,12 @@ case $1 in
     . benchmarks/device_setup.sh
     [ -d /tmp/site18 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site18 .whl18/*.whl
     export PYTHONPATH=/tmp/site18:$site:$PWD/src
-    [ -f $work/preset/config.json ] || { /usr/bin/time -v python3 benchmarks/finetune_job.py prepare --work $work 2>&1 | tail -30; }
+    [ -f $work/preset/config.json ] || { /usr/bin/time -v python3 -m benchmarks.finetune_job prepare --work $work 2>&1 | tail -30; }
     # Each of our batchings twice (empty, then warm compilation cache), then TRL's, eager and compiled.
     jobs=${JOBS:-ours+packing ours+packing ours ours trl:packing trl:packing+nockpt trl:packing+nockpt+liger trl:packing+compile trl:padded trl:padding_free trl:padding_free+compile}
-    python3 benchmarks/finetune_job.py run --work $work --out $results --jobs $jobs ${JOB_TIMEOUT:+--job-timeout $JOB_TIMEOUT}
+    python3 -m benchmarks.finetune_job run --work $work --out $results --jobs $jobs ${JOB_TIMEOUT:+--job-timeout $JOB_TIMEOUT}
     # Then the preset's load alone, KerasHub's against ours, each in a fresh process.
-    [ "${LOADS:-2}" = 0 ] || python3 benchmarks/finetune_job.py load --preset $work/preset --out $results/load --repeats "${LOADS:-2}"
+    [ "${LOADS:-2}" = 0 ] || python3 -m benchmarks.finetune_job load --preset $work/preset --out $results/load --repeats "${LOADS:-2}"
     touch /tmp/finetune_job.done ;;
   wait) for _ in $(seq "${2:-100}"); do [ -f /tmp/finetune_job.done ] && break; sleep 5; done ;;
 esac

@@ -1,8 +1,8 @@
 """Where a study's GPU time goes: per-job overhead, the compilation cache, logits only where the loss counts.
 
-    python benchmarks/job_overhead.py logits --model gemma_2b --out DIR            # one GPU (or --preset DIR)
-    python benchmarks/job_overhead.py workflow --checkout REPO --workdir W --label L --out DIR -- SNAKEMAKE ARGS
-    python benchmarks/job_overhead.py summarize --results DIR/results.jsonl ... --out benchmarks/results
+    python -m benchmarks.job_overhead logits --model gemma_2b --out DIR            # one GPU (or --preset DIR)
+    python -m benchmarks.job_overhead workflow --checkout REPO --workdir W --label L --out DIR -- SNAKEMAKE ARGS
+    python -m benchmarks.job_overhead summarize --results DIR/results.jsonl ... --out benchmarks/results
 
 `logits`: one training step of the finetune stage's model, with logits at
 every position (KerasHub's CausalLM output and Keras's masked cross-entropy,
@@ -30,23 +30,13 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+import lorastudy  # noqa: F401 - JAX as Keras's backend, a quiet start
+from benchmarks.harness import GpuSampler, dolly_like_lengths, emit, software, write_csv
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-os.environ.setdefault("KERAS_BACKEND", "jax")
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from gpu_lora import write_csv  # noqa: E402
-
-
-def emit(out: Path, **record) -> None:
-    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    print("RESULT", json.dumps(record), flush=True)
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def device() -> str:
@@ -64,7 +54,6 @@ def dolly_batches(n_batches: int, batch: int, width: int, vocab: int, seed: int 
     """Batches shaped like Dolly's no-context records: a masked prompt of ~28 tokens, a long-tailed response."""
     import numpy as np
 
-    from gpu_lora import dolly_like_lengths
 
     rng = np.random.default_rng(seed)
     lengths = dolly_like_lengths(n_batches * batch, seed)
@@ -144,7 +133,7 @@ def logits(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for batch in args.batches:
         for variant in ("full", "response"):
-            cmd = [sys.executable, __file__, "logits-worker", "--variant", variant, "--batch", str(batch), "--out", str(out),
+            cmd = [sys.executable, "-m", "benchmarks.job_overhead", "logits-worker", "--variant", variant, "--batch", str(batch), "--out", str(out),
                    "--width", str(args.width), "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    *(["--preset", args.preset] if args.preset else ["--model", args.model])]
             print("+", " ".join(cmd[2:]), flush=True)
@@ -158,31 +147,13 @@ def logits(args) -> None:
 # --------------------------------------------------------------------------
 
 
-class GpuSampler(threading.Thread):
-    """nvidia-smi's utilisation.gpu, sampled every `every` seconds."""
-
-    def __init__(self, every: float = 1.0):
-        super().__init__(daemon=True)
-        self.every, self.samples, self.stopped = every, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                text = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                      capture_output=True, text=True, timeout=10).stdout
-                self.samples.append(float(text.split()[0]))
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-                pass
-            self.stopped.wait(self.every)
-
-
 def job_records(workdir: Path) -> list[dict]:
     """Every job's wall time (Snakemake's benchmark files) and, where written, its own time split."""
     jobs = []
-    for tsv in sorted((workdir / "benchmarks").rglob("*.tsv")):
+    for tsv in sorted((workdir / "logs" / "benchmarks").rglob("*.tsv")):
         with open(tsv) as f:
             row = next(csv.DictReader(f, delimiter="\t"))
-        jobs.append({"job": str(tsv.relative_to(workdir / "benchmarks").with_suffix("")), "seconds": float(row["s"])})
+        jobs.append({"job": str(tsv.relative_to(workdir / "logs" / "benchmarks").with_suffix("")), "seconds": float(row["s"])})
     splits = {}
     for path in (workdir / "results" / "finetune").rglob("train.json"):
         s = json.loads(path.read_text())
@@ -366,18 +337,6 @@ def paper_grid_table(parts: list[dict], out: Path) -> list[str]:
         lines.append(f"| {row['part']} | {row['wall_s']:.0f} | {row['gpu_jobs']} | {row['gpu_job_s']:.0f} | {row['load_s']:.0f} | {row['compile_s']:.0f} | "
                      f"{row['steady_train_s']:.0f} | {row['steady_generate_s']:.0f} | {row['gpu_utilisation_mean']:.0f}% |")
     return lines
-
-
-def software() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("jax", "jaxlib", "keras", "keras-hub", "snakemake"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "absent"
-    return found
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ printf 'compilation_cache: {dir: /tmp/jax_cache}\n' > /tmp/cache.yaml
 
 workflow() {  # label checkout [snakemake args...]
   local label=$1 checkout=$2; shift 2
-  PYTHONPATH=$site:$checkout/src python3 benchmarks/job_overhead.py workflow --checkout "$checkout" \
+  PYTHONPATH=$site:$checkout/src python3 -m benchmarks.job_overhead workflow --checkout "$checkout" \
     --workdir /tmp/wf_$label --label "$label" --out /tmp/results -- --cores all --resources gpu=1 --configfile "$@"
 }
 paper=(config/paper.yaml benchmarks/configs/paper_2b_shape.yaml)
@@ -31,7 +31,7 @@ case $step in
   wait) for _ in $(seq ${2:-100}); do ls /tmp/paper_?.done >/dev/null 2>&1 && break; sleep 5; done
     tail -n 4 /tmp/wf_paper_2b_part_?/.snakemake/log/*.log || true
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
-  logits) PYTHONPATH=$site:$PWD/src python3 benchmarks/job_overhead.py logits --model gemma_2b --batches 4 8 --out /tmp/results ;;
+  logits) PYTHONPATH=$site:$PWD/src python3 -m benchmarks.job_overhead logits --model gemma_2b --batches 4 8 --out /tmp/results ;;
 esac
 cp /tmp/results/* "$out"/ 2>/dev/null || true
 tail -n 3 /tmp/results/results.jsonl 2>/dev/null | cut -c1-600 || true

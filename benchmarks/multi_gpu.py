@@ -1,7 +1,7 @@
 """One training job over several GPUs: data parallelism and weights split over GPUs.
 
-    python benchmarks/multi_gpu.py worker --devices 2 --model-parallel 1 --model gemma_2b --shape 512x16 --out DIR
-    python benchmarks/multi_gpu.py summarize benchmarks/results/multi_gpu/*.jsonl --out benchmarks/results
+    python -m benchmarks.multi_gpu worker --devices 2 --model-parallel 1 --model gemma_2b --shape 512x16 --out DIR
+    python -m benchmarks.multi_gpu summarize benchmarks/results/multi_gpu/*.jsonl --out benchmarks/results
 
 benchmarks/multi_gpu_gpu.sh runs the workers on a two-GPU machine, and the
 side-by-side measurement: two finetune jobs of the workflow under
@@ -22,18 +22,14 @@ set side by side.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from gpu_lora import KERAS_GEMMA, LEARNING_RATE, WEIGHT_DECAY, emit, gpu_name, lora_gemma, random_examples, software  # noqa: E402
+import lorastudy  # noqa: F401 - JAX as Keras's backend, a quiet start
+from benchmarks.gemma_shapes import KERAS_GEMMA, LEARNING_RATE, WEIGHT_DECAY, lora_gemma, random_examples
+from benchmarks.harness import emit, gpu_name, software, write_csv
 
 
 def worker(args) -> None:
@@ -115,15 +111,6 @@ def summarize_jobs(records: list[dict], out: Path) -> None:
             "compilation_cache": r.get("compilation_cache", ""),
         })
     write_csv(out / "multi_gpu_jobs.csv", rows)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        print(row)
 
 
 def summarize_train(records: list[dict], out: Path) -> None:

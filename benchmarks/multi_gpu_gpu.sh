@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 worker() {  # log-label [worker args...]
   local label=$1; shift
   echo "+ $label: $*"
-  timeout 280 python3 benchmarks/multi_gpu.py worker --out $results "$@" > $results/worker_$label.log 2>&1
+  timeout 280 python3 -m benchmarks.multi_gpu worker --out $results "$@" > $results/worker_$label.log 2>&1
   echo "  exit $? $(grep -c RESULT $results/worker_$label.log) result(s)"; tail -n 2 $results/worker_$label.log | cut -c1-400
 }
 case $step in
@@ -38,7 +38,7 @@ case $step in
     ;;
   jobs)
     data=/tmp/dolly_full.jsonl
-    [ -f $data ] || PYTHONPATH=tests python3 -c "from pathlib import Path; from dolly_like import make_dolly_full_size as m; m(Path('$data'))"
+    [ -f $data ] || PYTHONPATH=$site:src python3 -m lorastudy.cli control made-up $data > /dev/null
     export LORASTUDY_DOLLY_JSONL=$data
     configs=(benchmarks/configs/gpu_2b_shape.yaml benchmarks/configs/two_jobs.yaml)
     subset=${SUBSET:-1k}
@@ -46,7 +46,7 @@ case $step in
     run() {  # label workdir gpus
       printf 'compilation_cache: {dir: /tmp/jax_cache_%s}\n' "$1" > /tmp/cache_$1.yaml
       # Targets first: --resources, --configfile and --forcerun each take every word after them.
-      python3 benchmarks/job_overhead.py workflow --checkout "$PWD" --workdir "$2" --label "$1" --out $results -- \
+      python3 -m benchmarks.job_overhead workflow --checkout "$PWD" --workdir "$2" --label "$1" --out $results -- \
         "${targets[@]}" --cores all --resources gpu=$3 --configfile "${configs[@]}" /tmp/cache_$1.yaml --forcerun finetune
       tail -n 1 $results/results.jsonl | cut -c1-300
     }

@@ -1,7 +1,7 @@
 """The one real Gemma there is here, Gemma 3 270M from PyPI, on one GPU: converted, checked, trained, asked.
 
-    python benchmarks/real_270m.py run --out DIR
-    python benchmarks/real_270m.py summarize --results DIR/results.jsonl --out benchmarks/results
+    python -m benchmarks.real_270m run --out DIR
+    python -m benchmarks.real_270m summarize --results DIR/results.jsonl --out benchmarks/results
 
 Two workers, each in a process of its own, append JSON lines to DIR/results.jsonl:
 
@@ -31,26 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_lora import (
-    REPO,
-    emit,
-    gpu_name,
-    jax_peak,
-    ours_train,
-    peft_train,
-    run_worker,
-    software,
-    timed_twice,
-    torch_device,
-    torch_peak,
-    torch_sync,
-    write_csv,
-)
-
-sys.path.insert(0, str(REPO / "tests"))
-from test_gguf_convert import PARAGRAPH  # noqa: E402
-
-from lorastudy.prompts import PromptTemplate  # noqa: E402
+import lorastudy  # noqa: F401 - JAX as Keras's backend, a quiet start
+from benchmarks.gpu_lora import ours_train, timed_twice
+from benchmarks.harness import emit, gpu_name, jax_peak, run_worker, software, write_csv
+from benchmarks.peft_peer import peft_train, torch_device, torch_peak, torch_sync
+from lorastudy.gguf_convert import CHECK_PARAGRAPH as PARAGRAPH
+from lorastudy.prompts import PromptTemplate
 
 SHAPES = ["256x8", "512x8"]
 BATCHES = [16, 64]
@@ -191,7 +177,7 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     emit(out, phase="environment", gpu=gpu_name(), python=sys.version.split()[0], software=software())
     for worker in ("ours", "peft"):
-        run_worker([__file__, worker, "--out", str(out), "--steps", str(args.steps), "--shapes", *args.shapes,
+        run_worker("benchmarks.real_270m", [worker, "--out", str(out), "--steps", str(args.steps), "--shapes", *args.shapes,
                     "--batches", *map(str, args.batches), "--keep-preset", args.keep_preset], out)
 
 

@@ -34,7 +34,7 @@ case $1 in
           configs=("$checkout/config/paper.yaml" "$checkout/benchmarks/configs/paper_2b_shape.yaml" "$layer") ;;
       esac
       rm -rf /tmp/wf_$step
-      PYTHONPATH=$site:$checkout/src python3 benchmarks/job_overhead.py workflow --checkout "$checkout" \
+      PYTHONPATH=$site:$checkout/src python3 -m benchmarks.job_overhead workflow --checkout "$checkout" \
         --workdir /tmp/wf_$step --label "$step" --out $results -- --cores all --resources gpu=1 \
         --configfile "${configs[@]}" /tmp/cache_$version.yaml
       tail -n 1 $results/results.jsonl | cut -c1-300

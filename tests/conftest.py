@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from lorastudy.controls import make_dolly
 
-from dolly_like import make_dolly  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]
 # Where the real Dolly file is placed when a copy can be had (shared/data/README.md).

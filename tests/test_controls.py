@@ -48,6 +48,24 @@ def test_cli_writes_a_control_that_the_study_reads(tmp_path):
         controls.write_control("neutral", tmp_path / "x.jsonl", 4)
 
 
+def test_made_up_data_has_dollys_size_and_the_checksum_the_benchmarks_pin(tmp_path):
+    """benchmarks/configs/*_shape.yaml name this file by its sha256: the generator must not drift."""
+    import yaml
+    from workflow_helpers import REPO
+
+    from lorastudy.cli import main
+
+    main(["control", "made-up", str(tmp_path / "dolly_like.jsonl")])
+    overlay = yaml.safe_load((tmp_path / "dolly_like.yaml").read_text())["dolly"]
+    records = list(data.read_dolly(tmp_path / "dolly_like.jsonl"))
+    assert len(records) == 15011 and {r["category"] for r in records} == set(controls.CATEGORIES)
+    assert 0.3 < sum(bool(r["context"]) for r in records) / len(records) < 0.45  # Dolly: about a third
+    assert overlay["sha256"] == "32319ffa3dcbcdf0609bf9fb53b45c4d862098328b4ed17c1ad87bda94e98867" and overlay["size_bytes"] == 12307832
+    for config in ("gpu_2b_shape.yaml", "paper_2b_shape.yaml"):
+        pinned = yaml.safe_load((REPO / "benchmarks" / "configs" / config).read_text())["dolly"]
+        assert pinned == {k: overlay[k] for k in pinned}, config
+
+
 def test_the_study_runs_on_a_control_through_the_overlay_it_writes(tmp_path, capsys):
     """The README's two commands: the control's own checksum passes download_dolly (the published one would refuse it)."""
     import yaml

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dolly_like import CATEGORIES, make_dolly, sha256
+from lorastudy.controls import CATEGORIES, make_dolly
+from lorastudy.data import sha256_file as sha256
 
 from lorastudy import data
 from lorastudy.data import DataError

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lorastudy.gguf_convert import CHECK_PARAGRAPH as PARAGRAPH
+
 pytestmark = pytest.mark.slow
 
 VARIED = [
@@ -23,12 +25,6 @@ VARIED = [
     "1234567890 3.14159 2026-11-22 0x1F",
     "",
 ]
-PARAGRAPH = (
-    "The river flows through the valley and past the old stone bridge. In the spring, the water rises with "
-    "melted snow from the mountains, and farmers along the banks plant their fields as soon as the ground is dry. "
-    "Children walk to school along the path beside the river, and in the evening families gather in the town "
-    "square to talk about the day."
-)
 
 
 @pytest.fixture(scope="module")

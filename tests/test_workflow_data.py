@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from dolly_like import make_dolly, sha256
+from lorastudy.controls import make_dolly
+from lorastudy.data import sha256_file as sha256
 from workflow_helpers import REPO, snakemake, write_config
 
 from lorastudy.io import read_jsonl

@@ -9,7 +9,9 @@ import re
 
 import pytest
 import yaml
-from dolly_like import SMOKE_DATA, SMOKE_RECORDS, make_dolly, sha256
+from dolly_like import SMOKE_DATA, SMOKE_RECORDS
+from lorastudy.controls import make_dolly
+from lorastudy.data import sha256_file as sha256
 from workflow_helpers import REPO
 
 from lorastudy import paths
@@ -72,7 +74,7 @@ def test_jobs_share_the_compilation_cache_and_say_where_their_time_went(smoke_ru
 def test_every_job_has_a_log_and_the_expensive_ones_a_benchmark(smoke_run):
     logs = {p.relative_to(smoke_run / "logs").as_posix() for p in (smoke_run / "logs").rglob("*.log")}
     assert {"data/download_dolly.log", "model/tiny.log", "finetune/tiny/32.log", "finetune/tiny/64.log", "generate/tiny.log"} <= logs
-    assert (smoke_run / "benchmarks" / "finetune" / "tiny" / "64.tsv").is_file()
+    assert (smoke_run / "logs" / "benchmarks" / "finetune" / "tiny" / "64.tsv").is_file()
 
 
 def test_job_logs_carry_no_library_start_up_notices(smoke_run):

@@ -4,8 +4,9 @@
     lorastudy ask --model results/models/gemma3_270m_q4km/preset \\
         --adapter results/finetune/gemma3_270m_q4km/1k_r4_s0/adapter_epoch2.lora.h5 "Name three rivers."
 
-Write a positive or negative control dataset (lorastudy.controls), to run the
-study on in place of Dolly:
+Write a positive or negative control dataset (lorastudy.controls), or made-up
+data of Dolly's size and length profile (to time the study or try it offline;
+its scores mean nothing), to run the study on in place of Dolly:
 
     lorastudy control positive positive_control.jsonl
     snakemake --cores all --configfile config/config.yaml positive_control.yaml
@@ -55,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", choices=["greedy", "top_k"], default="greedy")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p = commands.add_parser("control", help="write a positive or negative control dataset in Dolly's shape")
-    p.add_argument("kind", choices=["positive", "negative"])
+    p = commands.add_parser("control", help="write a positive or negative control, or made-up data of Dolly's size, in Dolly's shape")
+    p.add_argument("kind", choices=["positive", "negative", "made-up"])
     p.add_argument("out", help="the JSON Lines file to write")
     # The default subsets (data.subsets: up to 5k, and "15k", the rest) need 5,000 records besides the held-out ones.
-    p.add_argument("--records", type=int, default=6000, help="how many records (default 6000: every default subset)")
+    p.add_argument("--records", type=int, help="how many records (default: 6000 for a control, every default subset; 15,011 made up)")
     p.add_argument("--seed", type=int, default=0)
     commands.add_parser("gpus", help="how many GPUs this process may use (for snakemake --resources gpu=N)")
     p = commands.add_parser("config-keys", help="every config key, its default and description, from the schema (a Markdown table)")

@@ -86,8 +86,12 @@ def log(stage: str, name: str) -> str:
 
 
 def benchmark(stage: str, name: str) -> str:
-    """Snakemake's per-job resource measurements (wall time, peak RSS)."""
-    return f"benchmarks/{stage}/{name}.tsv"
+    """Snakemake's per-job resource measurements (wall time, peak RSS), beside the job's log.
+
+    Not the catalog's top-level benchmarks/: that is this repository's own
+    benchmark code, and a run's records are no more to be committed than its logs.
+    """
+    return f"logs/benchmarks/{stage}/{name}.tsv"
 
 
 def scores(run: str = "{run}") -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""The benchmarks: each driver runs from the repository root as `python -m benchmarks.<driver>` (benchmarks/README.md)."""
