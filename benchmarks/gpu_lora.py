@@ -51,7 +51,7 @@ from benchmarks.harness import dolly_like_lengths, emit, gpu_name, is_oom, jax_p
 
 def ours_train(args, causal_lm=None) -> None:
     """Training steps at each shape; `causal_lm`: a model with LoRA enabled (default: random weights of args.model)."""
-    from lorastudy.finetune import TrainSettings, compile_for_training
+    from lorastudy.training import TrainSettings, compile_for_training
     from lorastudy.tokens import training_batches
 
     out = Path(args.out)
@@ -93,7 +93,7 @@ def ours_profile(args) -> None:
 
     import jax
 
-    from lorastudy.finetune import TrainSettings, compile_for_training
+    from lorastudy.training import TrainSettings, compile_for_training
     from lorastudy.tokens import training_batches
 
     out = Path(args.out)
@@ -156,7 +156,7 @@ def timed_twice(generator, prompts):
 def ours_bucketing(args) -> None:
     import keras
 
-    from lorastudy.finetune import TrainSettings, bucket_widths, compile_for_training
+    from lorastudy.training import TrainSettings, bucket_widths, compile_for_training
     from lorastudy.tokens import training_batches
 
     out = Path(args.out)

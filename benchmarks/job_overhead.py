@@ -76,7 +76,7 @@ def logits_worker(args) -> None:
     import keras
     import numpy as np
 
-    from lorastudy.finetune import TrainSettings, compile_for_training, make_optimizer
+    from lorastudy.training import TrainSettings, compile_for_training, make_optimizer
     from lorastudy.lora import LoraSpec, enable_lora
     from lorastudy.presets import dtype_policies, load_causal_lm
 

@@ -36,7 +36,7 @@ def worker(args) -> None:
     import jax
 
     from lorastudy.distribution import distributed
-    from lorastudy.finetune import TrainSettings, compile_for_training
+    from lorastudy.training import TrainSettings, compile_for_training
     from lorastudy.tokens import training_batches
 
     seq, batch = map(int, args.shape.split("x"))

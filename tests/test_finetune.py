@@ -82,7 +82,7 @@ def test_wrong_rank_for_an_adapter_fails_clearly(tiny_preset, trained):
 
 
 def test_non_finite_loss_stops_without_an_adapter(tiny_preset, tiny_data, tmp_path):
-    from lorastudy.finetune import NonFiniteLossError
+    from lorastudy.training import NonFiniteLossError
 
     adapters = [tmp_path / "adapter_epoch1.lora.h5"]
     with pytest.raises(NonFiniteLossError, match="no adapter was written"):

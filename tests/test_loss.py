@@ -69,7 +69,7 @@ def test_the_training_model_equals_kerashub_logits_with_keras_cross_entropy(tiny
     """Loss and LoRA gradients of the training model against CausalLM's logits and Keras's masked cross-entropy."""
     import keras
 
-    from lorastudy.finetune import TrainSettings, compile_for_training
+    from lorastudy.training import TrainSettings, compile_for_training
     from lorastudy.lora import LoraSpec, enable_lora
     from lorastudy.presets import load_causal_lm
 

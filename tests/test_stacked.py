@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorastudy.finetune import NonFiniteLossError, finetune
+from lorastudy import stacked_wave
+from lorastudy.finetune import finetune
+from lorastudy.training import NonFiniteLossError
 from lorastudy.lora import read_factors, read_spec
 from lorastudy.models import prepare_model
 from lorastudy.paths import group_runs
@@ -115,15 +117,13 @@ def test_a_fixed_alpha_trains_each_scale_in_its_own_wave(tmp_path):
 
 def test_a_diverging_adapter_stops_alone_and_the_others_finish(tiny_preset, tiny_data, tmp_path, monkeypatch, caplog):
     """An adapter that starts at infinity: its loss is not finite from the first step; the other trains on."""
-    import lorastudy.stacked as stacked
-
-    draw = stacked.initial_factors
+    draw = stacked_wave.initial_factors
 
     def poisoned(layers, rank, seed):
         factors = draw(layers, rank, seed)
         return [(np.full_like(a, np.inf), b) for a, b in factors] if seed == 1 else factors
 
-    monkeypatch.setattr(stacked, "initial_factors", poisoned)
+    monkeypatch.setattr(stacked_wave, "initial_factors", poisoned)
     runs = group(tmp_path, runs=[(4, 0), (4, 1)])
     with pytest.raises(NonFiniteLossError, match="32_r4_s1") as error:
         finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, tmp_path / "ck", SETTINGS)
@@ -142,22 +142,21 @@ def test_a_diverging_adapter_stops_alone_and_the_others_finish(tiny_preset, tiny
 
 def test_a_group_stopped_after_an_epoch_resumes_from_it(tiny_preset, tiny_data, tmp_path, monkeypatch):
     """Interrupted after epoch 1's checkpoint, the rerun trains epoch 2 only and ends where an uninterrupted group does."""
-    import lorastudy.stacked as stacked
 
     runs = group(tmp_path, runs=[(2, 0), (4, 1)])
     checkpoint = tmp_path / "ck"
-    save = stacked._Wave._save
+    save = stacked_wave.Wave._save
 
     def save_then_stop(self, epoch):
         save(self, epoch)
         if epoch == 1:
             raise KeyboardInterrupt("killed after epoch 1")
 
-    monkeypatch.setattr(stacked._Wave, "_save", save_then_stop)
+    monkeypatch.setattr(stacked_wave.Wave, "_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
     assert Path(runs[0].adapter_paths[0]).is_file() and not Path(runs[0].adapter_paths[1]).exists()
-    monkeypatch.setattr(stacked._Wave, "_save", save)
+    monkeypatch.setattr(stacked_wave.Wave, "_save", save)
     resumed = finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
     assert [s["resumed_from_epoch"] for s in resumed] == [1, 1]
     assert [s["epochs_trained_this_run"] for s in resumed] == [1, 1]

@@ -39,3 +39,17 @@ def test_no_import_cycle():
         if name not in state:
             visit(name, [])
     assert "lorastudy.presets" in graph and not graph["lorastudy.presets"] - {"lorastudy.quiet"}, "presets is a leaf"
+
+
+CODE = [p for folder in ("src/lorastudy", "benchmarks", "workflow/scripts") for p in sorted((REPO / folder).glob("*.py"))]
+
+
+def test_no_module_outside_the_tests_is_longer_than_a_reader_can_hold():
+    long = {str(p.relative_to(REPO)): n for p in CODE if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"
+
+
+def test_nothing_outside_the_tests_edits_sys_path():
+    """Benchmarks run as `python -m benchmarks.<driver>` and import the package and each other normally."""
+    editing = [str(p.relative_to(REPO)) for p in CODE if "sys.path" in p.read_text()]
+    assert not editing, f"sys.path edited in {editing}"

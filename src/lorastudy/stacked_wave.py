@@ -1,0 +1,341 @@
+"""One wave of a grouped finetune job (`lorastudy.stacked`): the group's shared base and data, and adapters trained together.
+
+`Group` is what every wave of a job shares: the base loaded once with LoRA
+enabled at the group's largest rank, the examples, the batch widths. `Wave`
+trains some of the group's adapters side by side, epoch by epoch: their
+stacked factors and optimizer state, the step mapped over them, validation,
+checkpoints, and each run's files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorastudy.checkpoints import WaveCheckpoint, fingerprint
+from lorastudy.io import atomic_path, write_json
+from lorastudy.lora import LoraSpec, enable_lora, initial_factors, pad_rank, write_adapter
+from lorastudy.presets import architecture, dtype_policies, load_causal_lm
+from lorastudy.stacked_step import factor_slots, fits_device, stacked_steps, without_fused_attention
+from lorastudy.tokens import Batch, Example, epoch_batches, pack_rows, stack_batches
+from lorastudy.training import (
+    TrainSettings,
+    bucket_widths,
+    encode_splits,
+    make_optimizer,
+    peak_memory,
+    write_history,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    """One run of a group: its adapter's rank and seed, and its files (an adapter per epoch)."""
+
+    name: str
+    rank: int
+    seed: int
+    adapter_paths: tuple[str, ...]
+    history_path: str
+    stats_path: str
+
+
+# --------------------------------------------------------------------------
+# the group: base, data and programs shared by every wave
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    preset: str
+    settings: TrainSettings
+    template: str
+    epochs: int
+    causal_lm: Any
+    model: Any  # the training model (lorastudy.loss.response_loss_model)
+    layers: list
+    rank: int  # of the variables: the group's largest
+    train: list[Example]
+    val: list[Example]
+    counts: dict[str, int]
+    widths: list[int]
+    pad_id: int
+    files: list[str]
+    dtype: str
+    train_rows: list | None = None  # the packed rows (train.packing), packed once
+    val_rows: list | None = None
+
+    @classmethod
+    def load(cls, preset, train_path, val_path, runs, template, s: TrainSettings, epochs: int) -> Group:
+        from lorastudy.loss import response_loss_model
+
+        dtype, lora_policy = dtype_policies(s.precision, training=True)
+        causal_lm = load_causal_lm(preset, dtype=dtype)
+        rank = max(run.rank for run in runs)
+        layers = enable_lora(causal_lm.backbone, LoraSpec(rank, s.lora_targets), lora_policy)
+        without_fused_attention(causal_lm.backbone)
+        tokenizer = causal_lm.preprocessor.tokenizer
+        train, val, counts = encode_splits(tokenizer, train_path, val_path, template, s)
+        widths = bucket_widths(s, train, val, epochs, runs=len(runs))
+        model = response_loss_model(causal_lm, segments=s.packing)
+        files = [str(train_path), str(val_path), str(Path(preset) / "config.json")]
+        rows = [pack_rows([ex.length for ex in split], widths[0]) for split in (train, val)] if s.packing else [None, None]
+        return cls(str(preset), s, template, epochs, causal_lm, model, layers, rank, train, val, counts, widths,
+                   tokenizer.pad_token_id, files, dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}", *rows)
+
+    def plan(self, seed: int | None, epoch: int, examples: Sequence[Example]) -> list[Batch]:
+        """One run's batches of an epoch, exactly as its separate run orders them (`training_batches`)."""
+        s = self.settings
+        rows = (self.train_rows if examples is self.train else self.val_rows) if s.packing else None
+        return epoch_batches([ex.length for ex in examples], self.widths, s.batch_size, seed, epoch, rows)
+
+    def stack(self, batches: Sequence[Batch], examples: Sequence[Example]) -> dict[str, np.ndarray]:
+        return stack_batches(batches, examples, self.pad_id)
+
+
+class Wave:
+    """Adapters trained together: their stacked weights, optimizer state and bookkeeping."""
+
+    def __init__(self, trainer: Any, runs: Sequence[GroupRun]):
+        import jax
+        import jax.numpy as jnp
+
+        self.trainer, self.runs, self.group = trainer, list(runs), trainer.group
+        g, s = self.group, self.group.settings
+        self.steps_per_epoch = len(g.plan(0, 0, g.train))
+        total_steps = g.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(s, total_steps)
+        self.optimizer.build(g.model.trainable_variables)
+        self.slots = factor_slots(g.model.trainable_variables, g.layers)
+        starts = [initial_factors(g.layers, run.rank, run.seed) for run in self.runs]
+        self.trainable = [jnp.asarray(np.stack([pad_rank(f[j][ab], g.rank, -1 if ab == 0 else 0) for f in starts]))
+                          for j, ab in self.slots]
+        k = len(self.runs)
+        self.state = [jnp.broadcast_to(v.value, (k, *v.shape)) + 0 for v in self.optimizer.variables]
+        self.alive = jnp.ones((k,), bool)
+        self.frozen = [v.value for v in g.model.non_trainable_variables]
+        self.train_step, self.validate_step = stacked_steps(g.model, self.optimizer)
+        self.programs: dict[int, Any] = {}
+        self.history: list[list[dict[str, Any]]] = [[] for _ in self.runs]
+        self.times = dict.fromkeys(("train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds"), 0.0)
+        self.failed: dict[int, str] = {}
+        self.device = jax.devices()[0]
+        key = [g.preset, [dataclasses.asdict(r) | {"stats_path": None} for r in self.runs], g.template,
+               dataclasses.asdict(s), g.dtype, g.rank]
+        self.checkpoint = WaveCheckpoint(trainer.checkpoint_dir / _wave_name(self.runs), fingerprint(*key, files=g.files))
+
+    # -- training ----------------------------------------------------------
+
+    def train(self, adaptive: bool) -> list[dict[str, Any]] | None:
+        g = self.group
+        if self.trainer.load_seconds is None:
+            self.trainer.load_seconds = time.perf_counter() - self.trainer.started
+        resumed = self._restore()
+        if resumed:
+            log.info("resuming %s after epoch %d of %d from %s", _wave_name(self.runs), resumed, g.epochs, self.checkpoint.dir)
+        elif adaptive and len(self.runs) > 1 and not self._fits():
+            return None
+        log.info("training %d adapters side by side: %s", len(self.runs), ", ".join(r.name for r in self.runs))
+        for epoch in range(resumed, g.epochs):
+            self._epoch(epoch)
+            self._validate(epoch)
+            self._save(epoch + 1)
+        return [self._finish(k) for k in range(len(self.runs))]
+
+    def _save(self, epoch: int) -> None:
+        """Each live run's adapter (published under its final name), then the wave's arrays and bookkeeping."""
+        g = self.group
+        for k, run in enumerate(self.runs):
+            if k not in self.failed:
+                spec = LoraSpec(run.rank, g.settings.lora_targets, g.settings.lora_alpha)
+                write_adapter(self.checkpoint.adapter(run.name, epoch), spec, g.causal_lm.backbone._lora_enabled_layers, self.factors(k))
+                self.publish(k, epoch)
+        state = {"history": self.history, "times": self.times, "failed": {str(k): v for k, v in self.failed.items()}}
+        self.checkpoint.save(epoch, [*self.trainable, *self.state, self.alive], state)
+        log.info("epoch %d: adapters of %s saved", epoch, _wave_name(self.runs))
+
+    def _restore(self) -> int:
+        """The epoch the wave's checkpoint ends (0 without one), its state put back and its adapters published."""
+        import jax.numpy as jnp
+
+        saved = self.checkpoint.restore()
+        if saved is None:
+            return 0
+        epoch, arrays, state = saved
+        n = len(self.trainable)
+        arrays = [jnp.asarray(a) for a in arrays]
+        self.trainable, self.state, self.alive = arrays[:n], arrays[n:-1], arrays[-1]
+        self.history, self.times = state["history"], state["times"]
+        self.failed = {int(k): v for k, v in state["failed"].items()}
+        for k, run in enumerate(self.runs):
+            for e in range(1, epoch + 1):
+                if self.checkpoint.adapter(run.name, e).is_file():
+                    self.publish(k, e)
+        return epoch
+
+    def _fits(self) -> bool:
+        """Compile the step at the widest width and check its memory against the device's free memory."""
+        g, began = self.group, time.perf_counter()
+        batch = g.stack(g.plan(0, 0, g.train)[:1] * len(self.runs), g.train)
+        widest = {key: np.zeros((*value.shape[:2], g.widths[-1]), value.dtype) for key, value in batch.items()}
+        program = self._program(widest)
+        # Compiled for training, so counted in training's time (and its compilation's).
+        self.times["train_seconds"] += time.perf_counter() - began
+        fits, needed, free = fits_device(program, self.device)
+        if needed is not None:
+            log.info("%d adapters side by side: the widest step needs %.2f GiB, %.2f GiB free", len(self.runs), needed / 2**30, free / 2**30)
+        return fits
+
+    def _program(self, batch):
+        """The compiled training step for this batch's width (compiled ahead, so its memory can be read)."""
+        width = batch["token_ids"].shape[-1]
+        if width not in self.programs:
+            args = (self.trainable, self.state, self.alive, self.frozen, batch)
+            with self.trainer.clock.region() as spent:
+                self.programs[width] = self.train_step.lower(*args).compile()
+            self.times["train_compile_seconds"] += spent.seconds
+        return self.programs[width]
+
+    def _epoch(self, epoch: int) -> None:
+        import jax.numpy as jnp
+
+        g, s = self.group, self.group.settings
+        plans = [g.plan(run.seed, epoch, g.train) for run in self.runs]
+        began = time.perf_counter()
+        stats, logged = [], 0
+        for step in range(self.steps_per_epoch):
+            batch = g.stack([plan[step] for plan in plans], g.train)
+            program = self._program(batch)
+            self.trainable, self.state, self.alive, row = program(self.trainable, self.state, self.alive, self.frozen, batch)
+            stats.append(row)
+            if (step + 1) % s.log_every_n_steps == 0:
+                self._log_steps(epoch, step + 1, np.asarray(jnp.stack(stats[logged:])))
+                logged = step + 1
+        self.epoch_stats = np.asarray(jnp.stack(stats))  # [steps, adapters, (loss, correct, tokens)]
+        self.times["train_seconds"] += time.perf_counter() - began
+
+    def _log_steps(self, epoch: int, step: int, window: np.ndarray) -> None:
+        for k, run in enumerate(self.runs):
+            if k in self.failed:
+                continue
+            loss, acc = _means(window[:, k])
+            row = {"epoch": epoch + 1, "step": epoch * self.steps_per_epoch + step, "kind": "steps", "loss": loss, "accuracy": acc}
+            self.history[k].append(row)
+            log.info("%s: epoch %d step %d: loss %.4f accuracy %.4f", run.name, epoch + 1, row["step"], loss, acc)
+
+    def _validate(self, epoch: int) -> None:
+        import jax.numpy as jnp
+
+        g = self.group
+        began = time.perf_counter()
+        with self.trainer.clock.region() as spent:
+            # One batch shared by every adapter: the [1, batch, width] stack of one, without its first axis.
+            batches = [{key: x[0] for key, x in g.stack([b], g.val).items()} for b in g.plan(None, 0, g.val)]
+            val = np.asarray(jnp.stack([self.validate_step(self.trainable, self.frozen, b) for b in batches]))
+        self.times["validation_seconds"] += time.perf_counter() - began
+        self.times["validation_compile_seconds"] += spent.seconds
+        alive = np.asarray(self.alive)
+        steady = (self.times["train_seconds"] - self.times["train_compile_seconds"]) / len(self.runs)
+        for k, run in enumerate(self.runs):
+            if k in self.failed:
+                continue
+            loss, acc = _means(self.epoch_stats[:, k])
+            val_loss, val_acc = _means(val[:, k])
+            if not (alive[k] and math.isfinite(val_loss)):
+                self.failed[k] = f"epoch {epoch + 1}"
+                log.error("%s: the loss became NaN or infinite in epoch %d; this adapter stops here, the others go on", run.name, epoch + 1)
+                continue
+            self.history[k].append({
+                "epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch, "kind": "epoch",
+                # A run's share of the wave's time: the wave's seconds over its adapters.
+                "train_seconds": self.times["train_seconds"] / len(self.runs), "steady_train_seconds": steady,
+                "loss": loss, "accuracy": acc, "val_loss": val_loss, "val_accuracy": val_acc,
+            })
+
+    # -- outputs -------------------------------------------------------------
+
+    def factors(self, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Adapter k's (A, B) per layer, at the variables' rank."""
+        by_slot = {slot: np.asarray(value[k]) for slot, value in zip(self.slots, self.trainable)}
+        return [(by_slot[(j, 0)], by_slot[(j, 1)]) for j in range(len(self.group.layers))]
+
+    def publish(self, k: int, epoch: int) -> None:
+        run = self.runs[k]
+        with atomic_path(run.adapter_paths[epoch - 1], suffix=".lora.h5") as tmp:
+            shutil.copyfile(self.checkpoint.adapter(run.name, epoch), tmp)
+
+    def _finish(self, k: int) -> dict[str, Any]:
+        import jax
+
+        g, s, run, t = self.group, self.group.settings, self.runs[k], self.times
+        if k in self.failed:
+            return {"run": run.name, "failed": self.failed[k]}
+        n = len(self.runs)
+        share = {key: value / n for key, value in t.items()}
+        steady = share["train_seconds"] - share["train_compile_seconds"]
+        tokens_per_epoch = sum(ex.length for ex in g.train)
+        spec = LoraSpec(run.rank, s.lora_targets, s.lora_alpha)
+        stats = {
+            "preset": g.preset,
+            "architecture": architecture(g.causal_lm.backbone),
+            "rank": run.rank,
+            "seed": run.seed,
+            "lora_targets": list(spec.targets),
+            "lora_alpha": spec.alpha if spec.alpha is not None else run.rank,
+            "epochs": g.epochs,
+            "resumed_from_epoch": self.checkpoint.resumed_from,
+            "dtype": g.dtype,
+            "device": str(jax.devices()[0].device_kind),
+            "devices": 1,
+            "model_parallel": 1,
+            "backend": jax.default_backend(),
+            "trainable_parameters": int(sum(a[..., : run.rank].size + b[: run.rank].size for a, b in self.factors(k))),
+            "total_parameters": int(g.causal_lm.backbone.count_params()),
+            "training_records": g.counts["records"],
+            "training_examples": len(g.train),
+            "truncated_examples": g.counts["truncated"],
+            "skipped_examples": g.counts["skipped"],
+            "validation_examples": len(g.val),
+            "steps": g.epochs * self.steps_per_epoch,
+            "batch_widths": g.widths,
+            "packing": s.packing,
+            "tokens_seen": tokens_per_epoch * g.epochs,
+            "loss_tokens_seen": int(sum(ex.loss_weights.sum() for ex in g.train)) * g.epochs,
+            # A run's share of its wave: the wave's seconds over its adapters.
+            **share,
+            "steady_train_seconds": steady,
+            "tokens_per_second": tokens_per_epoch * g.epochs / share["train_seconds"] if share["train_seconds"] else None,
+            "steady_tokens_per_second": tokens_per_epoch * g.epochs / steady if steady > 0 else None,
+            "runs_side_by_side": n,
+            "wave": [r.name for r in self.runs],
+            "wave_seconds": t,
+            "load_seconds_this_run": self.trainer.load_seconds,
+            "compiled_programs_this_run": len(self.programs),
+            "wall_seconds_this_run": time.perf_counter() - self.trainer.started,
+            "epochs_trained_this_run": g.epochs - self.checkpoint.resumed_from,
+            **peak_memory(),
+        }
+        write_history(run.history_path, self.history[k])
+        write_json(run.stats_path, stats)
+        log.info("%s finished: %s", run.name, stats)
+        return stats
+
+
+def _means(rows: np.ndarray) -> tuple[float, float]:
+    """The mean batch loss and the token accuracy of [steps, (loss, correct, tokens)] rows."""
+    return float(np.mean(rows[:, 0])), float(rows[:, 1].sum() / max(rows[:, 2].sum(), 1e-9))
+
+
+def _wave_name(runs: Sequence[GroupRun]) -> str:
+    return "+".join(run.name for run in runs)
