@@ -133,7 +133,7 @@ def test_a_diverging_adapter_stops_alone_and_the_others_finish(tiny_preset, tiny
     assert not any(Path(p).exists() for p in bad.adapter_paths) and not Path(bad.stats_path).exists()
     assert "32_r4_s1: the loss became NaN or infinite in epoch 1" in caplog.text
     # The finished run is kept for a rerun, which republishes it without training.
-    monkeypatch.setattr(stacked, "initial_factors", draw)
+    monkeypatch.setattr(stacked_wave, "initial_factors", draw)
     Path(good.adapter_paths[0]).unlink()
     with pytest.raises(NonFiniteLossError):
         finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, tmp_path / "ck", SETTINGS)
