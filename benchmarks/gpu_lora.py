@@ -52,13 +52,12 @@ from benchmarks.harness import dolly_like_lengths, emit, gpu_name, is_oom, jax_p
 def ours_train(args, causal_lm=None) -> None:
     """Training steps at each shape; `causal_lm`: a model with LoRA enabled (default: random weights of args.model)."""
     from lorastudy.training import TrainSettings, compile_for_training
-    from lorastudy.tokens import training_batches
+    from lorastudy.finetune import Batches
 
     out = Path(args.out)
     use_attention(args.attention)
     causal_lm = causal_lm or lora_gemma(args.model, args.rank, args.precision)
     params = causal_lm.backbone.count_params()
-    Batches = training_batches()
     # Ascending in tokens per batch, so the process's peak memory after each
     # shape is that shape's peak.
     shapes = sorted((tuple(map(int, s.split("x"))) for s in args.shapes), key=lambda s: s[0] * s[1])
@@ -94,14 +93,14 @@ def ours_profile(args) -> None:
     import jax
 
     from lorastudy.training import TrainSettings, compile_for_training
-    from lorastudy.tokens import training_batches
+    from lorastudy.finetune import Batches
 
     out = Path(args.out)
     causal_lm = lora_gemma(args.model, args.rank, args.precision)
     seq, batch = map(int, args.shapes[0].split("x"))
     settings = TrainSettings(sequence_length=seq, batch_size=batch, length_bucketing=False,
                              learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    data = training_batches()(random_examples([seq] * batch * 20, vocabulary(args.model)), [seq], batch, 0)
+    data = Batches(random_examples([seq] * batch * 20, vocabulary(args.model)), [seq], batch, 0)
     model = compile_for_training(causal_lm, settings, total_steps=len(data))
     model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
     trace_dir = out / f"profile_{args.model}_{seq}x{batch}"
@@ -157,13 +156,12 @@ def ours_bucketing(args) -> None:
     import keras
 
     from lorastudy.training import TrainSettings, bucket_widths, compile_for_training
-    from lorastudy.tokens import training_batches
+    from lorastudy.finetune import Batches
 
     out = Path(args.out)
     causal_lm = lora_gemma(args.model, args.rank)
     lengths = dolly_like_lengths(args.examples)
     examples = random_examples(lengths, vocabulary(args.model))
-    Batches = training_batches()
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

@@ -37,7 +37,7 @@ def worker(args) -> None:
 
     from lorastudy.distribution import distributed
     from lorastudy.training import TrainSettings, compile_for_training
-    from lorastudy.tokens import training_batches
+    from lorastudy.finetune import Batches
 
     seq, batch = map(int, args.shape.split("x"))
     shape = KERAS_GEMMA[args.model]
@@ -51,7 +51,7 @@ def worker(args) -> None:
         build_s = time.perf_counter() - started
         settings = TrainSettings(sequence_length=seq, batch_size=batch, length_bucketing=False,
                                  learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        data = training_batches()(random_examples([seq] * batch * steps, shape["vocabulary_size"]), [seq], batch, 0)
+        data = Batches(random_examples([seq] * batch * steps, shape["vocabulary_size"]), [seq], batch, 0)
         model = compile_for_training(causal_lm, settings, total_steps=steps)
         clock = step_clock()
         model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[clock])

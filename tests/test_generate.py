@@ -102,7 +102,7 @@ def test_batching_does_not_change_greedy_answers_with_an_adapter_either(tiny_pre
 
 
 def test_auto_batch_takes_every_prompt_when_it_fits_else_equal_batches():
-    from lorastudy.generate import auto_batch_size
+    from lorastudy.answer_batch import auto_batch_size
 
     assert auto_batch_size(500, per_row=10, free=20_000) == 500
     assert auto_batch_size(500, per_row=10, free=6_000) == 250  # 300 fit: two batches of 250

@@ -90,7 +90,7 @@ def test_report_is_html_that_embeds_every_figure_and_shows_the_summary(smoke_run
     text = " ".join(page.text)
     summary = pd.read_csv(smoke_run / paths.SUMMARY)
     for value in summary["rougeL_mean"]:
-        assert f"{value:.4g}" in text
+        assert f"{value:.3f}" in text
     assert "Plumbing test, not a result" in text
     # The first screen: data and its checksum, weights, protocol, seeds, and what the numbers can claim.
     scope = " ".join(page.text[: page.text.index("The question")])
@@ -160,6 +160,21 @@ def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
     assert max(ImageStat.Stat(image).stddev) > 20
 
 
+def test_nothing_widens_the_page_in_a_narrow_browser_window(smoke_run, tmp_path):
+    """Wide tables scroll inside their box and long strings wrap: the page itself never scrolls sideways."""
+    page = tmp_path / "report.html"
+    measure = "<script>document.body.dataset.widths = [document.documentElement.scrollWidth, window.innerWidth].join(' ')</script>"
+    page.write_text((smoke_run / paths.REPORT).read_text(encoding="utf-8").replace("</body>", measure + "</body>"), encoding="utf-8")
+    for width in (800, 1280):
+        dom = subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+             f"--window-size={width},2000", "--dump-dom", page.as_uri()],
+            check=True, capture_output=True, text=True, timeout=120,
+        ).stdout
+        page_width, window = map(int, re.search(r'data-widths="(\d+) (\d+)"', dom).groups())
+        assert page_width <= window, f"the report is {page_width} px wide in a {window} px window"
+
+
 def test_snakemake_report_works_too(smoke_run):
     snakemake(smoke_run, "--configfile", str(REPO / "config" / "smoke.yaml"), "--report", "reports/snakemake_report.html")
     text = (smoke_run / "reports" / "snakemake_report.html").read_text(encoding="utf-8")
@@ -213,3 +228,13 @@ def _merged(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
     update_config(merged, override)
     return merged
+
+
+def test_tables_show_numbers_to_the_digits_that_mean_something():
+    """Wide tables: ROUGE to 0.001, p below 0.001 as such, times to 0.1 s, counts whole; blanks stay blank."""
+    frame = pd.DataFrame({"run": ["a", "b"], "ROUGE-L": [0.23456789, 0.0001058], "p (Holm)": [0.0001058, 0.04321],
+                          "train s": [12.3456, float("nan")], "steady tokens/s": [36132.14, 1234.5]})
+    html_table = report._table(frame)
+    for shown in ("0.235", "0.000", "&lt;0.001", "0.043", "12.3", "36,132", "1,234"):
+        assert f">{shown}<" in html_table, shown
+    assert "0.0001058" not in html_table and "nan" not in html_table.lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 
 from conftest import REPO
 
@@ -38,7 +39,16 @@ def test_no_import_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
-    assert "lorastudy.presets" in graph and not graph["lorastudy.presets"] - {"lorastudy.quiet"}, "presets is a leaf"
+    assert "lorastudy.presets" in graph and not graph["lorastudy.presets"] - {"lorastudy.quiet", "lorastudy.internals"}, "presets is a leaf"
+    assert not graph["lorastudy.internals"], "internals is a leaf"
+
+
+def test_private_api_is_used_in_internals_alone():
+    """Keras's, KerasHub's and JAX's private names appear in lorastudy.internals and nowhere else in the package."""
+    names = "flatten_layers|lora_enabled_layers|initialize_with_initializer|use_fused_attention_op|compute_attention_mask|backends"
+    private = re.compile(rf"\.src\.|\._({names})\b")
+    users = [p.name for p in PACKAGE.glob("*.py") if p.stem != "internals" and private.search(p.read_text())]
+    assert not users, f"private API used outside lorastudy.internals: {users}"
 
 
 CODE = [p for folder in ("src/lorastudy", "benchmarks", "workflow/scripts") for p in sorted((REPO / folder).glob("*.py"))]

@@ -36,7 +36,7 @@ def ask(args: argparse.Namespace) -> str:
         top_k=args.top_k,
         seed=args.seed,
     )
-    causal_lm = load_for_generation(args.model, args.adapter, settings=settings)
+    causal_lm = load_for_generation(args.model, args.adapter, settings=settings, quantize=args.quantize)
     tokenizer = causal_lm.preprocessor.tokenizer
     template = PromptTemplate(TEMPLATES["chat"] if args.chat else args.template)
     (out,) = Generator.for_task(causal_lm, settings, template)(prompt_token_ids(tokenizer, [template.prompt(args.prompt)]))
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", choices=["greedy", "top_k"], default="greedy")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="the base quantized as the adapter was trained on it (train.quantize)")
     p = commands.add_parser("control", help="write a positive or negative control, or made-up data of Dolly's size, in Dolly's shape")
     p.add_argument("kind", choices=["positive", "negative", "made-up"])
     p.add_argument("out", help="the JSON Lines file to write")

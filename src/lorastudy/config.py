@@ -61,6 +61,7 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
     check_model_overrides(config, schema)
     check_grid(config)
     check_grouped_jobs(config)
+    check_quantize(config)
     check_export(config)
     check_protocol(config)
     resolve_prompts(config)
@@ -184,6 +185,17 @@ def check_grouped_jobs(config: MutableMapping[str, Any]) -> None:
         f"  {where}.model_parallel: grouped jobs (jobs: grouped) train on one device; "
         "set jobs: per_run to split a model over several GPUs"
         for where, train in split if train.get("model_parallel", 1) > 1
+    ]
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def check_quantize(config: MutableMapping[str, Any]) -> None:
+    """float8 is in the schema's list (it names what was asked for), but Keras cannot train LoRA on a float8 layer."""
+    wanted = [("train", config["train"])] + [(f"models.{m}.train", config["models"][m].get("train", {})) for m in config["models"]]
+    problems = [
+        f"  {where}.quantize: float8 cannot train LoRA (Keras's float8 layers have no LoRA path); use int8 or int4"
+        for where, train in wanted if train.get("quantize") == "float8"
     ]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))

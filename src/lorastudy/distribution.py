@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from lorastudy.internals import distribute_data_input
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,7 @@ def shard_batch(arrays: dict, distribution) -> dict:
     """Place a batch's arrays split along their first axis over the distribution's `batch` devices."""
     if distribution is None:
         return arrays
-    from keras.src.backend.jax import distribution_lib
-
     return {
-        key: distribution_lib.distribute_data_input(value, distribution.get_data_layout(value.shape), distribution.batch_dim_name)
+        key: distribute_data_input(value, distribution.get_data_layout(value.shape), distribution.batch_dim_name)
         for key, value in arrays.items()
     }

@@ -30,6 +30,7 @@ import numpy as np
 from lorastudy.io import atomic_dir
 from lorastudy.lora import LoraSpec, load_adapter, lora_layers
 from lorastudy.presets import load_causal_lm
+from lorastudy.internals import sublayers
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ExportError(ValueError):
 
 
 def _weights_with_layers(backbone) -> list:
-    return [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+    return [layer for layer in sublayers(backbone) if layer.weights]
 
 
 def merged_preset(preset: str | os.PathLike, adapter: str | os.PathLike, dest: str | os.PathLike) -> None:

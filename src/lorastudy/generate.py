@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy.answer_batch import resolve_batch_size
 from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.distribution import distributed, shard_batch
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_padded_adapter, lora_layers, read_spec, set_factors
-from lorastudy.presets import attention_heads, dtype_policies, load_causal_lm
+from lorastudy.presets import attention_heads, dtype_policies, load_causal_lm, quantize_base
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
+from lorastudy.internals import lora_layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +83,14 @@ def load_for_generation(
     adapter: str | os.PathLike | None = None,
     rank: int | None = None,
     settings: GenerateSettings | None = None,
+    quantize: str = "none",
 ):
-    """The task with its sampler, and with the LoRA adapter loaded if one is given.
+    """The task with its sampler, and with the LoRA adapter loaded if one is given (on the base quantized as `quantize`).
 
     With `rank`, an adapter file of another rank fails with a message naming
     the file and both ranks.
     """
-    causal_lm = load_with_lora_for(preset, [] if adapter is None else [adapter], rank, settings or GenerateSettings())
+    causal_lm = load_with_lora_for(preset, [] if adapter is None else [adapter], rank, settings or GenerateSettings(), quantize)
     use_adapter(causal_lm.backbone, adapter)
     return causal_lm
 
@@ -205,6 +208,7 @@ def generate(
     settings: dict[str, Any] | GenerateSettings | None = None,
     compilation_cache: dict[str, Any] | None = None,
     include_base: bool = False,
+    quantize: str = "none",
 ) -> list[dict[str, Any]]:
     """Answer every test prompt with the base model and with each adapter in turn.
 
@@ -216,36 +220,52 @@ def generate(
     line per record to `out_paths[i]` and its timing to `stats_paths[i]`;
     the runs are the base (first, when `include_base` or without adapters),
     then `adapters` in order. With `rank`, an adapter of another rank fails,
-    naming the file and both ranks.
+    naming the file and both ranks. `quantize` is the base's quantization as
+    its adapters were trained on it (`train.quantize`).
     """
     started = time.perf_counter()
     s = settings if isinstance(settings, GenerateSettings) else GenerateSettings(**(settings or {}))
     fixed_batch = None if s.batch_size == "auto" else s.batch_size
     with distributed(s.devices, s.model_parallel, fixed_batch, attention_heads(preset)):
         runs = ([None] if include_base or not adapters else []) + list(adapters)
-        return _generate_all(preset, test_path, out_paths, stats_paths, template, runs, rank, s, compilation_cache, started)
+        if len(out_paths) != len(runs) or len(stats_paths) != len(runs):
+            raise ValueError(f"{len(runs)} runs to answer, but {len(out_paths)} output and {len(stats_paths)} stats paths")
+        job = [_Answering(run, out, stats) for run, out, stats in zip(runs, out_paths, stats_paths)]
+        return _generate_all(preset, test_path, template, job, rank, s, quantize, compilation_cache, started)
 
 
-def _generate_all(preset, test_path, out_paths, stats_paths, template, runs, rank, s, compilation_cache, started):
+@dataclass(frozen=True)
+class _Answering:
+    """One run of an evaluation job: its adapter (None: the base) and the files its answers and timing go to."""
+
+    adapter: str | os.PathLike | None
+    out_path: str | os.PathLike
+    stats_path: str | os.PathLike
+
+
+def _generate_all(
+    preset: str | os.PathLike, test_path: str | os.PathLike, template: str, job: Sequence[_Answering], rank: int | None,
+    s: GenerateSettings, quantize: str, compilation_cache: dict[str, Any] | None, started: float,
+) -> list[dict[str, Any]]:
     use_compilation_cache(compilation_cache)
     clock = CompileClock.get()
-    if len(out_paths) != len(runs) or len(stats_paths) != len(runs):
-        raise ValueError(f"{len(runs)} runs to answer, but {len(out_paths)} output and {len(stats_paths)} stats paths")
+    runs = [a.adapter for a in job]
     records = read_jsonl(test_path)
     prompt = PromptTemplate(template)
     prompts = [prompt.prompt(r["instruction"]) for r in records]
-    causal_lm = load_with_lora_for(preset, [run for run in runs if run is not None], rank, s)
+    causal_lm = load_with_lora_for(preset, [run for run in runs if run is not None], rank, s, quantize)
     tokenizer = causal_lm.preprocessor.tokenizer
     prompt_ids = prompt_token_ids(tokenizer, prompts)
     truncated = 0
     if s.max_prompt_tokens is not None:
         truncated = sum(len(row) > s.max_prompt_tokens for row in prompt_ids)
         prompt_ids = [keep_last(row, s.max_prompt_tokens) for row in prompt_ids]
-    s = dataclasses.replace(s, batch_size=resolve_batch_size(s, causal_lm.backbone, prompt_ids))
+    batch_size = resolve_batch_size(s.batch_size, causal_lm.backbone, prompt_ids, s.max_new_tokens, s.pad_multiple)
+    s = dataclasses.replace(s, batch_size=batch_size)
     log.info("answering %d prompts in batches of %d for %d runs", len(prompt_ids), s.batch_size, len(runs))
     load_seconds = time.perf_counter() - started
     all_stats, generator, scale = [], None, None
-    for run, out_path, stats_path in zip(runs, out_paths, stats_paths):
+    for run, out_path, stats_path in ((a.adapter, a.out_path, a.stats_path) for a in job):
         run_scale = use_adapter(causal_lm.backbone, run)
         if generator is None or run_scale != scale:
             # LoRA's scale is a constant of the compiled program: a new scale, a new program.
@@ -260,6 +280,7 @@ def _generate_all(preset, test_path, out_paths, stats_paths, template, runs, ran
         stats = {
             "preset": str(preset),
             "adapter": None if run is None else str(run),
+            "quantize": quantize,
             "prompts": len(rows),
             "batch_size": s.batch_size,
             "protocol": s.protocol,
@@ -280,7 +301,9 @@ def _generate_all(preset, test_path, out_paths, stats_paths, template, runs, ran
     return all_stats
 
 
-def load_with_lora_for(preset: str | os.PathLike, adapters: Sequence[str | os.PathLike], rank: int | None, settings: GenerateSettings):
+def load_with_lora_for(
+    preset: str | os.PathLike, adapters: Sequence[str | os.PathLike], rank: int | None, settings: GenerateSettings, quantize: str = "none",
+):
     """The task with its sampler and, for adapters, LoRA enabled once at their largest rank on their layers.
 
     Every adapter is checked before the model loads: each names its file
@@ -294,7 +317,9 @@ def load_with_lora_for(preset: str | os.PathLike, adapters: Sequence[str | os.Pa
             raise AdapterError(f"adapter {path} adapts {list(spec.targets)}, but {adapters[0]} adapts {list(specs[0].targets)}")
     causal_lm = load_causal_lm(preset, dtype=dtype_policies(settings.precision, training=False)[0])
     if specs:
-        enable_lora(causal_lm.backbone, LoraSpec(max(spec.rank for spec in specs), specs[0].targets))
+        enable_lora(causal_lm.backbone, LoraSpec(max(spec.rank for spec in specs), specs[0].targets), quantize=quantize)
+    else:
+        quantize_base(causal_lm.backbone, quantize)
     causal_lm.compile(sampler=make_sampler(settings))
     return causal_lm
 
@@ -303,55 +328,10 @@ def use_adapter(backbone, adapter: str | os.PathLike | None) -> float:
     """Load `adapter` into the LoRA variables (None: zeros, the base model); returns its scale."""
     if adapter is not None:
         return load_padded_adapter(backbone, adapter).scale
-    layers = lora_layers(backbone) if getattr(backbone, "_lora_enabled_layers", None) else []
+    layers = lora_layers(backbone) if lora_layer_indices(backbone) else []
     zeros = [(np.zeros(layer.lora_kernel_a.shape, "float32"), np.zeros(layer.lora_kernel_b.shape, "float32")) for layer in layers]
     set_factors(layers, zeros)
     return 1.0
-
-
-# On a CPU, "auto" answers this many prompts at a time: larger batches buy little there.
-CPU_BATCH_SIZE = 16
-
-
-def resolve_batch_size(settings: GenerateSettings, backbone, prompt_ids: Sequence[list[int]]) -> int:
-    """`generate.batch_size`, with "auto" resolved for this device (see `auto_batch_size`)."""
-    if settings.batch_size != "auto":
-        return int(settings.batch_size)
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return min(CPU_BATCH_SIZE, len(prompt_ids))
-    width = round_up(max(len(row) for row in prompt_ids) + settings.max_new_tokens, settings.pad_multiple)
-    free = stats["bytes_limit"] - stats["bytes_in_use"]
-    return auto_batch_size(len(prompt_ids), row_bytes(backbone, width), free)
-
-
-def row_bytes(backbone, width: int) -> int:
-    """Device memory one answer of `width` tokens takes while generating, with room to spare.
-
-    Counted: its key/value cache; the prefill's attention scores of one layer
-    and a few hidden-state buffers; a step's logits. Doubled, for XLA's
-    temporaries that are not counted.
-    """
-    b = backbone
-    item = 2 if "16" in b.dtype_policy.compute_dtype else 4
-    cache = b.num_layers * 2 * width * b.num_key_value_heads * b.head_dim * item
-    prefill = b.num_query_heads * width * width * 4 + 4 * width * b.hidden_dim * 4
-    logits = 2 * b.vocabulary_size * 4
-    return 2 * (cache + prefill + logits)
-
-
-def auto_batch_size(prompts: int, per_row: int, free: int, multiple: int = 1) -> int:
-    """The batch for `prompts` answers when each takes `per_row` bytes and `free` bytes are free.
-
-    Every prompt at once if half of the free memory holds them; else as few
-    batches as fit, of equal size (so the last is not mostly filler), each a
-    multiple of `multiple` (the data-parallel devices).
-    """
-    fit = max(multiple, int(0.5 * free // per_row) // multiple * multiple)
-    batches = -(-prompts // fit)
-    return min(fit, round_up(-(-prompts // batches), multiple))
 
 
 def answer_rows(records, prompts, prompt_ids, outputs, tokenizer) -> list[dict[str, Any]]:

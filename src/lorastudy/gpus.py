@@ -19,11 +19,11 @@ import fcntl
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from lorastudy.internals import jax_started
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,5 @@ def claimed_gpus(count: int, poll_seconds: float = 2.0, timeout_seconds: float |
 def _refuse_if_devices_in_use() -> None:
     # CUDA reads CUDA_VISIBLE_DEVICES once, when JAX first creates its GPU
     # client; pinning after that would be silently ignored.
-    bridge = sys.modules.get("jax._src.xla_bridge")
-    if bridge is not None and getattr(bridge, "_backends", None):
+    if jax_started():
         raise GpuError("JAX already started its devices: claim GPUs before the first JAX computation")

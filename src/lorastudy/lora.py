@@ -23,6 +23,8 @@ import h5py
 import numpy as np
 
 from lorastudy.io import atomic_path
+from lorastudy.internals import h5_store, lora_layer_indices, sublayers
+from lorastudy.presets import quantize_base
 
 # KerasHub's layer names in Gemma, Gemma 2 and Gemma 3 decoder blocks.
 ATTENTION = ("query", "key", "value", "attention_output")
@@ -58,17 +60,19 @@ class LoraSpec:
         return json.dumps({"rank": self.rank, "targets": list(self.targets), "alpha": self.alpha})
 
 
-def enable_lora(backbone, spec: LoraSpec, dtype_policy: str | None = None) -> list:
-    """Enable LoRA on the spec's layers; return the adapted layers.
+def enable_lora(backbone, spec: LoraSpec, dtype_policy: str | None = None, quantize: str = "none") -> list:
+    """Enable LoRA on the spec's layers, on a base quantized first if `quantize` says so; return the adapted layers.
 
     With `dtype_policy` (e.g. "mixed_bfloat16"), the targeted layers take that
     policy first, so their LoRA factors are created in its variable dtype
-    while the frozen kernels keep theirs.
+    while the frozen kernels keep theirs; a quantized layer keeps it as the
+    source of its quantized policy (int8_from_mixed_bfloat16).
     """
     if dtype_policy is not None:
-        for layer in backbone._flatten_layers(include_self=False):
+        for layer in sublayers(backbone):
             if layer.name in spec.targets and hasattr(layer, "enable_lora"):
                 layer.dtype_policy = dtype_policy
+    quantize_base(backbone, quantize)
     backbone.enable_lora(spec.rank, target_layer_names=list(spec.targets))
     layers = lora_layers(backbone)
     if not layers:
@@ -120,8 +124,8 @@ def pad_rank(factor: np.ndarray, rank: int, axis: int) -> np.ndarray:
 
 def lora_layers(backbone) -> list:
     """The LoRA-enabled layers, in the order KerasHub indexes them in a `.lora.h5` file."""
-    with_weights = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
-    return [with_weights[i] for i in getattr(backbone, "_lora_enabled_layers", [])]
+    with_weights = [layer for layer in sublayers(backbone) if layer.weights]
+    return [with_weights[i] for i in lora_layer_indices(backbone)]
 
 
 def save_adapter(backbone, spec: LoraSpec, path: str | os.PathLike) -> None:
@@ -135,13 +139,11 @@ def save_adapter(backbone, spec: LoraSpec, path: str | os.PathLike) -> None:
 def write_adapter(path: str | os.PathLike, spec: LoraSpec, layer_indices: Sequence[int], factors: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
     """Write factors held outside a backbone as `save_adapter` writes a backbone's: KerasHub's layout, plus the spec.
 
-    `layer_indices` are KerasHub's (`backbone._lora_enabled_layers`), in the
+    `layer_indices` are KerasHub's (`internals.lora_layer_indices`), in the
     order of `lora_layers`; each (A, B) is cut to the spec's rank.
     """
-    from keras.src.saving.saving_lib import H5IOStore
-
     with atomic_path(path, suffix=".lora.h5") as tmp:
-        store = H5IOStore(str(tmp), mode="w")
+        store = h5_store(str(tmp), mode="w")
         store.make("lora")["rank"] = spec.rank
         for index, (a, b) in zip(layer_indices, factors, strict=True):
             inner = store.make(f"lora/{index}")
@@ -154,9 +156,7 @@ def write_adapter(path: str | os.PathLike, spec: LoraSpec, layer_indices: Sequen
 
 def read_factors(path: str | os.PathLike, layer_indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each layer's (A, B) from an adapter file, in the order of `layer_indices`."""
-    from keras.src.saving.saving_lib import H5IOStore
-
-    store = H5IOStore(str(path), mode="r")
+    store = h5_store(str(path), mode="r")
     try:
         # One entry at a time: an entry reads through the store's current group.
         return [_factors(store.get(f"lora/{i}")) for i in layer_indices]
@@ -185,7 +185,7 @@ def load_padded_adapter(backbone, path: str | os.PathLike) -> LoraSpec:
             f"adapter {path} is {spec}, but this model has LoRA on {enabled} at rank {layers[0].lora_rank}; "
             "the layers must match and the rank be at most that"
         )
-    set_factors(layers, read_factors(path, backbone._lora_enabled_layers), spec.scale)
+    set_factors(layers, read_factors(path, lora_layer_indices(backbone)), spec.scale)
     return spec
 
 
@@ -199,9 +199,7 @@ def read_spec(path: str | os.PathLike) -> LoraSpec:
             spec = json.loads(f["lorastudy"].attrs["spec"])
             return LoraSpec(spec["rank"], tuple(spec["targets"]), spec["alpha"])
     # A plain KerasHub adapter: read its rank as KerasHub's own loader does.
-    from keras.src.saving.saving_lib import H5IOStore
-
-    store = H5IOStore(str(path), mode="r")
+    store = h5_store(str(path), mode="r")
     try:
         return LoraSpec(int(store.get("lora")["rank"][()]))
     finally:

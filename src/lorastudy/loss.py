@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import keras
+from lorastudy.internals import wrap_attention_mask
 
 # Rows of logits computed at once: about 128M float32 values (512 rows of a
 # 256k vocabulary). Measured on an H100 with Gemma 2B at 256 x 4 and 256 x 8:
@@ -185,7 +186,7 @@ def attend_within_segments(backbone) -> None:
     whose mask is not square over the padding mask.
     """
     for block in backbone.transformer_layers:
-        block._compute_attention_mask = functools.partial(_segment_mask, block._compute_attention_mask)
+        wrap_attention_mask(block, _segment_mask)
 
 
 def _segment_mask(compute_mask, x, padding_mask, *args):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lorastudy.quiet import filtered_stderr
+from lorastudy.internals import variables_initialized_by
 
 
 class ModelError(RuntimeError):
@@ -69,6 +71,29 @@ def causal_lm_preprocessor(cls, tokenizer, sequence_length: int):
     return cls(tokenizer, sequence_length=sequence_length)
 
 
+# What `train.quantize` may ask for: Keras's own weight quantization of the frozen base.
+QUANTIZE_MODES = ("none", "int8", "int4", "float8")
+
+
+def quantize_base(backbone, mode: str) -> None:
+    """Quantize the frozen base's weights with Keras's own `quantize` (`mode` int8 or int4; "none": leave it).
+
+    Call it before LoRA is enabled, as KerasHub's Gemma guide does: the
+    adapters stay in the layers' float policy and train on top of the
+    quantized kernels. float8 is refused: Keras's float8 layers have no LoRA
+    path (EinsumDense's float8 call raises NotImplementedError with LoRA on).
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ModelError(f"train.quantize must be one of {QUANTIZE_MODES}, not {mode!r}")
+    if mode == "float8":
+        raise ModelError("train.quantize: float8 cannot train LoRA: Keras's float8 layers have no LoRA path; use int8 or int4")
+    if mode != "none":
+        with filtered_stderr(), warnings.catch_warnings():
+            # Keras names every layer without weights to quantize (dropout, inputs): nothing is wrong.
+            warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize` method")
+            backbone.quantize(mode)
+
+
 def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
     """Load a prepared preset (or any KerasHub preset) as a CausalLM task."""
     import keras_hub
@@ -89,24 +114,15 @@ def weights_from_the_preset() -> Iterator[None]:
     file over them. Drawing Gemma 2B's 2.5 billion random numbers first took
     24 of a 30-second load on a CPU (benchmarks/results/finetune_job.md).
     Only random initializers are replaced; constants (norm scales, seeds)
-    keep theirs. Keras offers no switch for this, hence the one patched
-    method, restored on exit.
+    keep theirs. Keras offers no switch for this
+    (`internals.variables_initialized_by` patches the one method, restored on exit).
     """
     import keras
 
-    variable = keras.Variable  # the backend's variable class
-    draw = variable._initialize_with_initializer
     zeros, i = keras.initializers.Zeros(), keras.initializers
     random = (i.RandomNormal, i.RandomUniform, i.TruncatedNormal, i.VarianceScaling, i.Orthogonal)
-
-    def without_draws(self, initializer):
-        return draw(self, zeros if isinstance(initializer, random) else initializer)
-
-    variable._initialize_with_initializer = without_draws
-    try:
+    with variables_initialized_by(lambda initializer: zeros if isinstance(initializer, random) else initializer):
         yield
-    finally:
-        variable._initialize_with_initializer = draw
 
 
 # What makes a Gemma a Gemma 2 or a Gemma 3, in KerasHub's own classes and

@@ -118,7 +118,7 @@ def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str,
         cannot.insert(0, f"Anything about a real model for {', '.join(tiny)}: random weights.")
     return {
         "data": {"published": published, "sha256": config["dolly"]["sha256"], **duplicates},
-        "weights": {m: WEIGHTS[config["models"][m]["source"]].format(preset=config["models"][m].get("preset", ""))
+        "weights": {m: WEIGHTS[config["models"][m]["source"]].format(preset=config["models"][m].get("preset", "")) + _base_precision(config, m)
                     for m in config["grid"]["models"]},
         "decoding": decoding,
         "seeds": {"data split": config["data"]["seed"], "training": ", ".join(map(str, seeds)),
@@ -130,6 +130,14 @@ def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str,
                   "the comparisons table says which differences hold after Holm's correction."),
         "cannot": cannot,
     }
+
+
+def _base_precision(config: Mapping[str, Any], model: str) -> str:
+    """How the frozen base was held while its adapters trained and answered: its dtype, and its quantization if any."""
+    train = {**config["train"], **config["models"][model].get("train", {})}
+    quantize = train.get("quantize", "none")
+    held = f"{train.get('precision', 'auto')} precision" + ("" if quantize == "none" else f", base quantized to {quantize} (Keras)")
+    return f" ({held})"
 
 
 def git_commit(repo: str | os.PathLike) -> str:
@@ -161,7 +169,22 @@ def data_uri(png: str | os.PathLike) -> str:
 
 
 def _table(frame: pd.DataFrame, **kwargs) -> str:
-    return frame.to_html(index=False, border=0, classes="table", na_rep="", float_format=lambda x: f"{x:.4g}", **kwargs)
+    formatters = {c: _number_format(c) for c in frame.columns if pd.api.types.is_float_dtype(frame[c])}
+    return frame.to_html(index=False, border=0, classes="table", na_rep="", formatters=formatters, **kwargs)
+
+
+def _number_format(column: str):
+    """How a report column shows a number: to the digits it means something to (ROUGE to 0.001, times to 0.1 s)."""
+    name = column.lower()
+    if name in ("p", "p (holm)"):
+        shown = lambda x: "<0.001" if x < 0.001 else f"{x:.3f}"  # noqa: E731
+    elif "tokens" in name or name in ("records", "trainable params"):
+        shown = lambda x: f"{x:,.0f}"  # noqa: E731
+    elif name.endswith((" s", " s (job)", "gib")):
+        shown = lambda x: f"{x:,.1f}"  # noqa: E731
+    else:
+        shown = lambda x: f"{x:.3f}" if abs(x) < 1000 else f"{x:,.0f}"  # noqa: E731
+    return lambda x: "" if pd.isna(x) else shown(x)
 
 
 def _summary_table(summary: pd.DataFrame) -> str:

@@ -9,6 +9,7 @@ times taller.
 """
 
 from __future__ import annotations
+from lorastudy import internals
 
 
 def without_fused_attention(backbone) -> None:
@@ -19,9 +20,7 @@ def without_fused_attention(backbone) -> None:
     fails), so under `vmap` Keras tries it, logs the traceback and falls
     back to XLA at every trace. Saying so up front skips the failing attempt.
     """
-    for layer in backbone._flatten_layers(include_self=False):
-        if hasattr(layer, "_use_fused_attention_op"):
-            layer._use_fused_attention_op = lambda: False
+    internals.without_fused_attention(backbone)
 
 
 def stacked_steps(model, optimizer):

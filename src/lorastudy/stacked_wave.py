@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lorastudy.checkpoints import WaveCheckpoint, fingerprint
+from lorastudy.internals import lora_layer_indices
 from lorastudy.io import atomic_path, write_json
 from lorastudy.lora import LoraSpec, enable_lora, initial_factors, pad_rank, write_adapter
 from lorastudy.presets import architecture, dtype_policies, load_causal_lm
@@ -83,7 +84,7 @@ class Group:
         dtype, lora_policy = dtype_policies(s.precision, training=True)
         causal_lm = load_causal_lm(preset, dtype=dtype)
         rank = max(run.rank for run in runs)
-        layers = enable_lora(causal_lm.backbone, LoraSpec(rank, s.lora_targets), lora_policy)
+        layers = enable_lora(causal_lm.backbone, LoraSpec(rank, s.lora_targets), lora_policy, s.quantize)
         without_fused_attention(causal_lm.backbone)
         tokenizer = causal_lm.preprocessor.tokenizer
         train, val, counts = encode_splits(tokenizer, train_path, val_path, template, s)
@@ -95,7 +96,7 @@ class Group:
                    tokenizer.pad_token_id, files, dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}", *rows)
 
     def plan(self, seed: int | None, epoch: int, examples: Sequence[Example]) -> list[Batch]:
-        """One run's batches of an epoch, exactly as its separate run orders them (`training_batches`)."""
+        """One run's batches of an epoch, exactly as its separate run orders them (`finetune.Batches`)."""
         s = self.settings
         rows = (self.train_rows if examples is self.train else self.val_rows) if s.packing else None
         return epoch_batches([ex.length for ex in examples], self.widths, s.batch_size, seed, epoch, rows)
@@ -159,7 +160,7 @@ class Wave:
         for k, run in enumerate(self.runs):
             if k not in self.failed:
                 spec = LoraSpec(run.rank, g.settings.lora_targets, g.settings.lora_alpha)
-                write_adapter(self.checkpoint.adapter(run.name, epoch), spec, g.causal_lm.backbone._lora_enabled_layers, self.factors(k))
+                write_adapter(self.checkpoint.adapter(run.name, epoch), spec, lora_layer_indices(g.causal_lm.backbone), self.factors(k))
                 self.publish(k, epoch)
         state = {"history": self.history, "times": self.times, "failed": {str(k): v for k, v in self.failed.items()}}
         self.checkpoint.save(epoch, [*self.trainable, *self.state, self.alive], state)
@@ -296,6 +297,7 @@ class Wave:
             "epochs": g.epochs,
             "resumed_from_epoch": self.checkpoint.resumed_from,
             "dtype": g.dtype,
+            "quantize": s.quantize,
             "device": str(jax.devices()[0].device_kind),
             "devices": 1,
             "model_parallel": 1,

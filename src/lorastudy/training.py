@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import keras
+
 from lorastudy.io import atomic_open, read_jsonl
 from lorastudy.lora import DEFAULT_TARGETS
 from lorastudy.prompts import PromptTemplate
@@ -49,6 +51,7 @@ class TrainSettings:
     devices: int | str = "all"
     model_parallel: int = 1
     stack_size: int | str = "auto"
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -108,38 +111,34 @@ def encode_splits(tokenizer, train_path, val_path, template: str, s: TrainSettin
 # --------------------------------------------------------------------------
 
 
-def learning_rate(settings: TrainSettings, total_steps: int):
-    """A float for `constant` without warm-up, else a Keras schedule."""
-    import keras
+@keras.saving.register_keras_serializable("lorastudy")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then constant, cosine or linear decay to 0."""
 
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str):
+        self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
+
+    def __call__(self, step):
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        warm = ops.minimum(1.0, (step + 1.0) / max(1, self.warmup_steps))
+        frac = ops.clip((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0)
+        shape = {"constant": 1.0, "cosine": 0.5 * (1.0 + ops.cos(math.pi * frac)), "linear": 1.0 - frac}
+        return self.peak * warm * shape[self.decay]
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(peak=self.peak, warmup_steps=self.warmup_steps, total_steps=self.total_steps, decay=self.decay)
+
+
+def learning_rate(settings: TrainSettings, total_steps: int) -> float | WarmupDecay:
+    """A float for `constant` without warm-up, else the schedule."""
     s = settings
     if s.lr_schedule == "constant" and s.warmup_steps == 0:
         return s.learning_rate
-
-    @keras.saving.register_keras_serializable("lorastudy")
-    class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-        """Linear warm-up to `peak`, then constant, cosine or linear decay to 0."""
-
-        def __init__(self, peak, warmup_steps, total_steps, decay):
-            self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
-
-        def __call__(self, step):
-            ops = keras.ops
-            step = ops.cast(step, "float32")
-            warm = ops.minimum(1.0, (step + 1.0) / max(1, self.warmup_steps))
-            frac = ops.clip((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0)
-            shape = {"constant": 1.0, "cosine": 0.5 * (1.0 + ops.cos(math.pi * frac)), "linear": 1.0 - frac}
-            return self.peak * warm * shape[self.decay]
-
-        def get_config(self):
-            return dict(peak=self.peak, warmup_steps=self.warmup_steps, total_steps=self.total_steps, decay=self.decay)
-
     return WarmupDecay(s.learning_rate, s.warmup_steps, total_steps, s.lr_schedule)
 
 
-def make_optimizer(settings: TrainSettings, total_steps: int):
-    import keras
-
+def make_optimizer(settings: TrainSettings, total_steps: int) -> keras.optimizers.AdamW:
     optimizer = keras.optimizers.AdamW(
         learning_rate=learning_rate(settings, total_steps),
         weight_decay=settings.weight_decay,
@@ -158,8 +157,6 @@ def compile_for_training(causal_lm, settings: TrainSettings, total_steps: int):
     batches here are already tokens, and the loss needs logits only at the
     tokens it is weighted on (`lorastudy.loss`).
     """
-    import keras
-
     from lorastudy.distribution import data_parallel_size
     from lorastudy.loss import TokenAccuracy, batch_mean_loss, response_loss_model
 

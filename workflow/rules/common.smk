@@ -46,6 +46,11 @@ def settings(section):
     return lambda wildcards: model_settings(config, wildcards.model, section)
 
 
+def base_quantization(wildcards):
+    """The base's quantization as its adapters were trained on it (train.quantize), for answering on the same base."""
+    return model_settings(config, wildcards.model, "train").get("quantize", "none")
+
+
 def prompt_template_of_model(wildcards):
     return prompt_template(config, wildcards.model)
 

@@ -39,6 +39,7 @@ if config["jobs"] == "grouped":
             include_base=True,
             template=prompt_template_of_model,
             settings=settings("generate"),
+            quantize=base_quantization,
             compilation_cache=config["compilation_cache"],
         script:
             "../scripts/generate.py"
@@ -67,6 +68,7 @@ else:
         params:
             template=prompt_template_of_model,
             settings=settings("generate"),
+            quantize=base_quantization,
             compilation_cache=config["compilation_cache"],
         script:
             "../scripts/generate.py"
@@ -104,6 +106,7 @@ else:
             rank=lambda wildcards: int(wildcards.rank),
             template=prompt_template_of_model,
             settings=settings("generate"),
+            quantize=base_quantization,
             compilation_cache=config["compilation_cache"],
         script:
             "../scripts/generate.py"

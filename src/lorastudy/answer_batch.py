@@ -1,0 +1,56 @@
+"""How many answers an evaluation job generates at once: `generate.batch_size: auto`.
+
+On a GPU, the largest batch whose key/value cache and temporaries fit half
+the device's free memory (all 500 test prompts at once on an H200); on a CPU
+a fixed batch, where a larger one gains nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lorastudy.tokens import round_up
+
+# On a CPU, "auto" answers this many prompts at a time: larger batches buy little there.
+CPU_BATCH_SIZE = 16
+
+
+def resolve_batch_size(batch_size: int | str, backbone, prompt_ids: Sequence[list[int]], max_new_tokens: int, pad_multiple: int) -> int:
+    """`generate.batch_size`, with "auto" resolved for this device (see `auto_batch_size`)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return min(CPU_BATCH_SIZE, len(prompt_ids))
+    width = round_up(max(len(row) for row in prompt_ids) + max_new_tokens, pad_multiple)
+    free = stats["bytes_limit"] - stats["bytes_in_use"]
+    return auto_batch_size(len(prompt_ids), row_bytes(backbone, width), free)
+
+
+def row_bytes(backbone, width: int) -> int:
+    """Device memory one answer of `width` tokens takes while generating, with room to spare.
+
+    Counted: its key/value cache; the prefill's attention scores of one layer
+    and a few hidden-state buffers; a step's logits. Doubled, for XLA's
+    temporaries that are not counted.
+    """
+    b = backbone
+    item = 2 if "16" in b.dtype_policy.compute_dtype else 4
+    cache = b.num_layers * 2 * width * b.num_key_value_heads * b.head_dim * item
+    prefill = b.num_query_heads * width * width * 4 + 4 * width * b.hidden_dim * 4
+    logits = 2 * b.vocabulary_size * 4
+    return 2 * (cache + prefill + logits)
+
+
+def auto_batch_size(prompts: int, per_row: int, free: int, multiple: int = 1) -> int:
+    """The batch for `prompts` answers when each takes `per_row` bytes and `free` bytes are free.
+
+    Every prompt at once if half of the free memory holds them; else as few
+    batches as fit, of equal size (so the last is not mostly filler), each a
+    multiple of `multiple` (the data-parallel devices).
+    """
+    fit = max(multiple, int(0.5 * free // per_row) // multiple * multiple)
+    batches = -(-prompts // fit)
+    return min(fit, round_up(-(-prompts // batches), multiple))

@@ -1,0 +1,99 @@
+"""LoRA on a quantized base (train.quantize): Keras's own int8/int4 quantization of the frozen weights, before LoRA."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from lorastudy import config as study_config
+from lorastudy.finetune import finetune
+from lorastudy.generate import generate, load_for_generation
+from lorastudy.internals import lora_layer_indices
+from lorastudy.lora import LoraSpec, enable_lora, read_factors, read_spec
+from lorastudy.presets import ModelError, load_causal_lm, quantize_base
+from lorastudy.prompts import DEFAULT_TEMPLATE
+from lorastudy.stacked import GroupRun, finetune_group
+
+FAST = {"learning_rate": 5e-3, "batch_size": 4, "log_every_n_steps": 2, "sequence_length": 64, "pad_multiple": 32, "quantize": "int8"}
+
+
+@pytest.fixture(scope="module")
+def indices(tiny_preset) -> list[int]:
+    """Where the tiny Gemma's LoRA layers sit, as adapter files number them."""
+    backbone = load_causal_lm(tiny_preset).backbone
+    enable_lora(backbone, LoraSpec(4))
+    return lora_layer_indices(backbone)
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory, tiny_preset, tiny_data):
+    out = tmp_path_factory.mktemp("int8")
+    adapters = [out / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
+    stats = finetune(tiny_preset, tiny_data["train"], tiny_data["val"], adapters, out / "history.csv", out / "train.json",
+                     rank=4, template=DEFAULT_TEMPLATE, settings=FAST)
+    return {"dir": out, "adapters": adapters, "stats": stats}
+
+
+def test_the_base_is_int8_and_only_the_adapters_train(tiny_preset):
+    backbone = load_causal_lm(tiny_preset).backbone
+    before = {v.path: v.dtype for v in backbone.weights}
+    quantize_base(backbone, "int8")
+    backbone.enable_lora(4)
+    assert any(dtype == "int8" for dtype in (v.dtype for v in backbone.weights)) and "int8" not in before.values()
+    assert {v.dtype for v in backbone.trainable_weights} == {"float32"}
+    assert all("lora" in v.path for v in backbone.trainable_weights)
+
+
+def test_lora_trains_on_an_int8_base_and_writes_the_usual_adapter(int8_run, indices):
+    epochs = [r for r in csv.DictReader(open(int8_run["dir"] / "history.csv")) if r["kind"] == "epoch"]
+    assert float(epochs[1]["loss"]) < float(epochs[0]["loss"])
+    assert json.loads((int8_run["dir"] / "train.json").read_text())["quantize"] == "int8"
+    # The adapter file is what it is for a float base: float32 factors of the run's rank.
+    assert read_spec(int8_run["adapters"][1]).rank == 4
+    factors = read_factors(int8_run["adapters"][1], indices)
+    assert all(a.dtype == np.float32 and b.dtype == np.float32 and np.abs(b).sum() > 0 for a, b in factors)
+
+
+def test_answers_come_from_the_same_int8_base(int8_run, tiny_preset, tiny_data, tmp_path):
+    settings = {"batch_size": 4, "max_new_tokens": 8, "pad_multiple": 16}
+    outs = [tmp_path / "base.jsonl", tmp_path / "epoch2.jsonl"]
+    stats = generate(tiny_preset, tiny_data["test"], outs, [tmp_path / "base.json", tmp_path / "epoch2.json"], DEFAULT_TEMPLATE,
+                     adapters=[int8_run["adapters"][1]], settings=settings, include_base=True, quantize="int8")
+    assert [s["quantize"] for s in stats] == ["int8", "int8"]
+    # The int8 base's logits are its own: not the float base's, and close to them.
+    tokens = np.array([[2, 10, 20, 30, 40, 50]])
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
+    quantized = np.asarray(load_for_generation(tiny_preset, quantize="int8")(x))
+    full = np.asarray(load_for_generation(tiny_preset)(x))
+    assert not np.array_equal(quantized, full)
+    assert np.abs(quantized - full).mean() < 0.1 * np.abs(full).mean()
+
+
+def test_a_grouped_job_on_an_int8_base_matches_the_run_alone(int8_run, indices, tiny_preset, tiny_data, tmp_path):
+    d = tmp_path / "r4_s0"
+    run = GroupRun("r4_s0", 4, 0, tuple(str(d / f"adapter_epoch{e}.lora.h5") for e in (1, 2)), str(d / "history.csv"), str(d / "train.json"))
+    d.mkdir()
+    finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], [run], DEFAULT_TEMPLATE, tmp_path / "ck", FAST)
+    # Not to 1e-4 as on a float base (tests/test_stacked.py): Keras's int8 layers round their inputs to int8
+    # too, so a last-bit difference in a float sum (vmap orders some differently) can move a rounding step,
+    # and Adam's first steps, which move every factor by about the learning rate whatever the gradient's
+    # size, carry it on. The adapters point the same way (cosine > 0.99) and the losses agree to 1%.
+    cosine = lambda x, y: float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))  # noqa: E731
+    for ours, alone in zip(run.adapter_paths, int8_run["adapters"], strict=True):
+        for (a, b), (a0, b0) in zip(read_factors(ours, indices), read_factors(alone, indices), strict=True):
+            assert cosine(a, a0) > 0.99 and cosine(b, b0) > 0.99
+    epochs = [[r for r in csv.DictReader(open(path)) if r["kind"] == "epoch"] for path in (run.history_path, int8_run["dir"] / "history.csv")]
+    for ours, alone in zip(*epochs, strict=True):
+        assert float(ours["loss"]) == pytest.approx(float(alone["loss"]), rel=0.01)
+
+
+def test_float8_is_refused_naming_the_key():
+    with pytest.raises(ModelError, match="float8"):
+        quantize_base(object(), "float8")
+    config = {"train": {"quantize": "float8"}, "models": {"m": {"train": {"quantize": "float8"}}}}
+    with pytest.raises(study_config.ConfigError, match=r"models\.m\.train\.quantize: float8") as error:
+        study_config.check_quantize(config)
+    assert "  train.quantize: float8" in str(error.value)
