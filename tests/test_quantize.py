@@ -97,3 +97,26 @@ def test_float8_is_refused_naming_the_key():
     with pytest.raises(study_config.ConfigError, match=r"models\.m\.train\.quantize: float8") as error:
         study_config.check_quantize(config)
     assert "  train.quantize: float8" in str(error.value)
+
+
+def test_exports_of_an_int8_run_apply_to_the_full_precision_base(int8_run, tiny_preset, tmp_path):
+    """As peers do: the adapter trained on the int8 base is exported onto the unquantized one (PEFT, merged preset).
+
+    Each export gives what the full base with the adapter gives in KerasHub; that is near, not equal to, what
+    the int8 base with the adapter answered from.
+    """
+    from test_export import TOKENS, _logits, transformers_logits
+
+    from lorastudy.export import merged_preset, peft_adapter
+
+    adapter = int8_run["adapters"][1]
+    full = load_for_generation(tiny_preset, adapter)
+    on_int8 = _logits(load_for_generation(tiny_preset, adapter, quantize="int8"))
+    expected = _logits(full)
+    assert not np.array_equal(expected, on_int8) and np.abs(expected - on_int8).mean() < 0.1 * np.abs(expected).mean()
+    merged_preset(tiny_preset, adapter, tmp_path / "merged")
+    np.testing.assert_allclose(_logits(load_causal_lm(tmp_path / "merged")), expected, rtol=1e-5, atol=1e-5)
+    load_causal_lm(tiny_preset).backbone.export_to_transformers(str(tmp_path / "hf_base"))
+    peft_adapter(tiny_preset, adapter, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf_base"))
+    _, _, tuned = transformers_logits(tmp_path / "hf_base", tmp_path / "peft", TOKENS)
+    np.testing.assert_allclose(tuned, expected, rtol=1e-4, atol=1e-4)
