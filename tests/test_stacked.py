@@ -36,8 +36,7 @@ EPOCHS = 2
 
 def group(tmp_path: Path, runs=RUNS, epochs=EPOCHS) -> list[GroupRun]:
     root = tmp_path / "group"
-    rows = group_runs("m", "32", sorted({r for r, _ in runs}), sorted({s for _, s in runs}), epochs)
-    wanted = [row for row in rows if (row["rank"], row["seed"]) in runs]
+    wanted = group_runs("m", "32", runs, epochs)
     return [GroupRun(**{**row, **{k: _under(root, v) for k, v in row.items() if k.endswith(("_path", "_paths"))}}) for row in wanted]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import jsonschema
@@ -107,6 +107,20 @@ def model_settings(config: MutableMapping[str, Any], model: str, section: str) -
 def job_resources(config: MutableMapping[str, Any], model: str, rule: str) -> dict[str, Any]:
     """What a rule's job for `model` asks for: the resources section, then the model's overrides."""
     return {**config["resources"][rule], **config["models"][model].get("resources", {}).get(rule, {})}
+
+
+def subset_records(config: MutableMapping[str, Any], subset: str) -> int:
+    """A subset's training records: its count, or for 'all' Dolly's size (an upper bound, for sizing jobs only)."""
+    size = config["data"]["subsets"][subset]
+    return 15011 if size == "all" else int(size)
+
+
+def grouping_gpus(config: MutableMapping[str, Any], global_resources: Mapping[str, Any]) -> int:
+    """The GPUs grouped finetune jobs are cut for: `gpus`, or with `auto` Snakemake's --resources gpu=N (1 without it)."""
+    if config.get("gpus", "auto") != "auto":
+        return int(config["gpus"])
+    given = global_resources.get("gpu")
+    return int(getattr(given, "value", given) or 1)
 
 
 def largest_subset(config: MutableMapping[str, Any]) -> str:

@@ -34,6 +34,8 @@ CELL = "{subset}_r{rank}_epoch{epoch}"
 # With jobs grouped (the default), one finetune job trains every run of a
 # model and subset, and keeps its resume state here.
 GROUP_CHECKPOINTS = "results/finetune/{model}/{subset}_checkpoints"
+# A part of a subset's group, where the GPUs outnumber the groups (lorastudy.grouping).
+GROUP_PART_CHECKPOINTS = "results/finetune/{model}/{subset}_part{part}_checkpoints"
 
 
 class _Keep(dict):
@@ -46,8 +48,8 @@ def fill(pattern: str, **values) -> str:
     return pattern.format_map(_Keep(values))
 
 
-def group_runs(model: str, subset: str, ranks, seeds, epochs: int) -> list[dict]:
-    """The runs one grouped finetune job trains: each rank × seed, with its files (an adapter per epoch 1..epochs)."""
+def group_runs(model: str, subset: str, runs, epochs: int) -> list[dict]:
+    """The runs one grouped finetune job trains, each (rank, seed) with its files (an adapter per epoch 1..epochs)."""
     where = lambda rank, seed: {"model": model, "subset": subset, "rank": rank, "seed": seed}  # noqa: E731
     return [
         {
@@ -58,8 +60,7 @@ def group_runs(model: str, subset: str, ranks, seeds, epochs: int) -> list[dict]
             "history_path": HISTORY.format(**where(rank, seed)),
             "stats_path": TRAIN_STATS.format(**where(rank, seed)),
         }
-        for rank in ranks
-        for seed in seeds
+        for rank, seed in runs
     ]
 
 

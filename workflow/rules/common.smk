@@ -6,12 +6,16 @@ from pathlib import Path
 
 from lorastudy import paths
 from lorastudy.config import (
+    grouping_gpus,
     job_resources,
     largest_subset,
     model_settings,
     prompt_template,
+    subset_records,
     validate_config,
 )
+from lorastudy.grouping import split_groups
+from snakemake.logging import logger
 
 # Rule scripts import lorastudy from this checkout, whichever environment runs
 # them: the per-rule conda environments (--sdm conda) hold only its dependencies.
@@ -91,26 +95,34 @@ FINETUNE_JOBS = sorted(
 )
 
 
-# The runs of a group (one model and subset) that a grouped finetune job trains.
+# The runs of a group (one model and subset) that a grouped finetune job trains,
+# split into parts where the GPUs given outnumber the groups (lorastudy.grouping).
 GROUP = [(rank, seed) for rank in GRID["ranks"] for seed in GRID["seeds"]]
+GROUP_PARTS, GROUPING = split_groups(
+    {s: subset_records(config, s) for s in GRID["subsets"]},
+    GROUP,
+    len(GRID["models"]),
+    grouping_gpus(config, workflow.global_resources),
+)
+if config["jobs"] == "grouped":
+    logger.info(GROUPING)
+# Subsets whose group is one job (the rule finetune), and those split into parts.
+WHOLE_SUBSETS = [s for s, parts in GROUP_PARTS.items() if len(parts) == 1]
+SPLIT_SUBSETS = {s: parts for s, parts in GROUP_PARTS.items() if len(parts) > 1}
 
 
-def group_files(pattern, subsets=("{subset}",), epochs=(None,)):
+def group_files(pattern, subsets=("{subset}",), epochs=(None,), runs=GROUP):
     return [
         paths.fill(pattern, subset=subset, rank=rank, seed=seed, epoch=epoch)
         for subset in subsets
-        for rank, seed in GROUP
+        for rank, seed in runs
         for epoch in epochs
     ]
 
 
 def runs_of_group(wildcards):
     return paths.group_runs(
-        wildcards.model,
-        wildcards.subset,
-        GRID["ranks"],
-        GRID["seeds"],
-        max(GRID["epochs"]),
+        wildcards.model, wildcards.subset, GROUP, max(GRID["epochs"])
     )
 
 
