@@ -102,7 +102,16 @@ GROUP_PARTS, GROUPING = split_groups(
     {s: subset_records(config, s) for s in GRID["subsets"]},
     GROUP,
     len(GRID["models"]),
-    grouping_gpus(config, workflow.global_resources),
+    # --resources gpu=N counts only where this process runs the jobs: a cluster's
+    # jobs re-read this file without it, and must cut the grid the same way.
+    grouping_gpus(
+        config,
+        (
+            workflow.global_resources
+            if workflow.local_exec and workflow.is_main_process
+            else {}
+        ),
+    ),
 )
 if config["jobs"] == "grouped":
     logger.info(GROUPING)
