@@ -113,7 +113,7 @@ def _gain_over_base(kind: str, preset, d) -> dict[str, float]:
 @pytest.mark.slow
 def test_fine_tuning_gains_on_the_positive_control_and_not_on_the_negative(gemma3_preset, tmp_path):
     gains = {}
-    for kind in controls.KINDS:
+    for kind in controls.CONTROLS:
         (tmp_path / kind).mkdir()
         gains[kind] = _gain_over_base(kind, gemma3_preset, tmp_path / kind)
     print("ROUGE-L gain over the base model:", gains)

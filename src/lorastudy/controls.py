@@ -45,7 +45,9 @@ CATEGORIES = (
 ONSETS = "b d f g k l m n p r s t v z".split()
 VOWELS = "a e i o u".split()
 WORDS_PER_RECORD = 4
-KINDS = ("positive", "negative", "made-up")
+# The controls (a known outcome) and, beside them, made-up data of Dolly's size (no outcome: timing, offline trials).
+CONTROLS = ("positive", "negative")
+KINDS = (*CONTROLS, "made-up")
 DOLLY_RECORDS = 15011
 WORDS = (
     "river mountain light music garden rain city winter ocean forest engine "
