@@ -2,46 +2,48 @@
 # Issue 25's study benchmark on the lent GPU machine: the mini grid
 # (benchmarks/configs/gpu_2b_shape.yaml over config/config.yaml) through
 # Snakemake, as a user runs it, with this checkout (jobs grouped, the default)
-# and with the version before it (its checkout in $OLD, e.g. `git archive
+# and with the version before it (a checkout in --old DIR, e.g. `git archive
 # 1ca91ac | tar -x -C .old`), each from an empty compilation cache and again
 # warm; benchmarks/job_overhead.py records each job's split and GPU busy.
 # The sequence runs longer than one device call: `start` launches it in a
-# session of its own and `wait` follows it over later calls (/tmp stays
-# while the machine is warm). Wheels of what the image lacks: .whl/.
-#   [STEPS="new_cold new_warm old_cold old_warm new_cold_paper9 old_cold_paper3"] [OLD=.old] \
-#       bash benchmarks/study_gpu.sh start|wait
+# session of its own and `wait` follows it over later calls (the scratch
+# directory stays while the machine is warm). Options: launcher_options.sh.
+#   [STEPS="new_cold new_warm old_cold old_warm new_cold_paper9 old_cold_paper3"] [OUT=DIR] \
+#       bash benchmarks/study_gpu.sh start|wait [--scratch DIR] [--wheels DIR] [--old DIR]
 set -euo pipefail
-out=${OUT:-/tmp/study_out}
-results=/tmp/study_results
+step=$1; shift
+. benchmarks/launcher_options.sh
+out=${OUT:-$scratch/study_out}
+results=$scratch/study_results
 mkdir -p "$out" "$results"
-case $1 in
-  start) setsid nohup bash "$0" sequence > /tmp/study.out 2>&1 < /dev/null & sleep 5 ;;
+case $step in
+  start) setsid nohup bash "$0" sequence "${options[@]}" > $scratch/study.out 2>&1 < /dev/null & sleep 5 ;;
   sequence)
     . benchmarks/device_setup.sh
-    old=$(realpath "${OLD:-.old}")
+    old=$(realpath "$old")
     # A step is VERSION_CACHE (mini grid) or VERSION_CACHE_paper9 / _paper3: the paper's 1k cell
     # with three seeds (9 runs) or one (3 runs), over config/paper.yaml and paper_2b_shape.yaml.
-    for step in ${STEPS:-new_cold new_warm old_cold old_warm}; do
-      IFS=_ read -r version warmth grid <<< "$step"
-      cache=/tmp/jax_cache_$version
+    for one in ${STEPS:-new_cold new_warm old_cold old_warm}; do
+      IFS=_ read -r version warmth grid <<< "$one"
+      cache=$scratch/jax_cache_$version
       checkout=$PWD; [ "$version" = old ] && checkout=$old
       [ "$warmth" = cold ] && rm -rf "$cache"
-      printf 'compilation_cache: {dir: %s}\n' "$cache" > /tmp/cache_$version.yaml
+      printf 'compilation_cache: {dir: %s}\n' "$cache" > $scratch/cache_$version.yaml
       case $grid in
         "") configs=("$checkout/benchmarks/configs/gpu_2b_shape.yaml") ;;
         paper9|paper3) layer=$PWD/benchmarks/configs/paper_1k_three_seeds.yaml
           [ "$grid" = paper3 ] && layer=$PWD/benchmarks/configs/paper_1k_one_seed.yaml
           configs=("$checkout/config/paper.yaml" "$checkout/benchmarks/configs/paper_2b_shape.yaml" "$layer") ;;
       esac
-      rm -rf /tmp/wf_$step
+      rm -rf $scratch/wf_$one
       PYTHONPATH=$site:$checkout/src python3 -m benchmarks.job_overhead workflow --checkout "$checkout" \
-        --workdir /tmp/wf_$step --label "$step" --out $results -- --cores all --resources gpu=1 \
-        --configfile "${configs[@]}" /tmp/cache_$version.yaml
+        --workdir $scratch/wf_$one --label "$one" --out $results -- --cores all --resources gpu=1 \
+        --configfile "${configs[@]}" $scratch/cache_$version.yaml
       tail -n 1 $results/results.jsonl | cut -c1-300
     done
-    touch /tmp/study.done ;;
-  wait) for _ in $(seq "${2:-100}"); do [ -f /tmp/study.done ] && break; sleep 5; done ;;
+    touch $scratch/study.done ;;
+  wait) for _ in $(seq "${WAIT_ROUNDS:-100}"); do [ -f $scratch/study.done ] && break; sleep 5; done ;;
 esac
-tail -n 8 /tmp/study.out | cut -c1-400
+tail -n 8 $scratch/study.out 2>/dev/null | cut -c1-400 || true
 cp -r $results/* "$out"/ 2>/dev/null || true
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
