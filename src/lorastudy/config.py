@@ -17,6 +17,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from lorastudy.data import DOLLY_RECORDS
+
 
 class ConfigError(ValueError):
     """The config does not match the schema; the message names the keys."""
@@ -112,7 +114,7 @@ def job_resources(config: MutableMapping[str, Any], model: str, rule: str) -> di
 def subset_records(config: MutableMapping[str, Any], subset: str) -> int:
     """A subset's training records: its count, or for 'all' Dolly's size (an upper bound, for sizing jobs only)."""
     size = config["data"]["subsets"][subset]
-    return 15011 if size == "all" else int(size)
+    return DOLLY_RECORDS if size == "all" else int(size)
 
 
 def grouping_gpus(config: MutableMapping[str, Any], global_resources: Mapping[str, Any]) -> int:
@@ -194,11 +196,10 @@ def check_grouped_jobs(config: MutableMapping[str, Any]) -> None:
     """Grouped finetune jobs train on one device: a weight split over several (model_parallel) needs per-run jobs."""
     if config["jobs"] != "grouped":
         return
-    split = [("train", config["train"])] + [(f"models.{m}.train", config["models"][m].get("train", {})) for m in config["grid"]["models"]]
     problems = [
         f"  {where}.model_parallel: grouped jobs (jobs: grouped) train on one device; "
         "set jobs: per_run to split a model over several GPUs"
-        for where, train in split if train.get("model_parallel", 1) > 1
+        for where, train in _train_sections(config, config["grid"]["models"]) if train.get("model_parallel", 1) > 1
     ]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
@@ -206,13 +207,17 @@ def check_grouped_jobs(config: MutableMapping[str, Any]) -> None:
 
 def check_quantize(config: MutableMapping[str, Any]) -> None:
     """float8 is in the schema's list (it names what was asked for), but Keras cannot train LoRA on a float8 layer."""
-    wanted = [("train", config["train"])] + [(f"models.{m}.train", config["models"][m].get("train", {})) for m in config["models"]]
     problems = [
         f"  {where}.quantize: float8 cannot train LoRA (Keras's float8 layers have no LoRA path); use int8 or int4"
-        for where, train in wanted if train.get("quantize") == "float8"
+        for where, train in _train_sections(config, config["models"]) if train.get("quantize") == "float8"
     ]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def _train_sections(config: MutableMapping[str, Any], models) -> list[tuple[str, Mapping[str, Any]]]:
+    """The train section and each model's overrides of it, with the key each is written under (for error messages)."""
+    return [("train", config["train"])] + [(f"models.{m}.train", config["models"][m].get("train", {})) for m in models]
 
 
 def check_grid(config: MutableMapping[str, Any]) -> None:

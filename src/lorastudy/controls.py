@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from lorastudy.data import sha256_file
+from lorastudy.data import DOLLY_RECORDS, sha256_file
 from lorastudy.io import atomic_open, write_jsonl
 
 CATEGORIES = (
@@ -48,7 +48,6 @@ WORDS_PER_RECORD = 4
 # The controls (a known outcome) and, beside them, made-up data of Dolly's size (no outcome: timing, offline trials).
 CONTROLS = ("positive", "negative")
 KINDS = (*CONTROLS, "made-up")
-DOLLY_RECORDS = 15011
 WORDS = (
     "river mountain light music garden rain city winter ocean forest engine "
     "paper window bread travel history science language animal planet"

@@ -36,6 +36,8 @@ PUBLISHED_DOLLY_SHA256 = "2df9083338b4abd6bceb5635764dab5d833b393b55759dffb0959b
 # An offline copy named here overrides `dolly.local_copy` in the config.
 LOCAL_COPY_ENV = "LORASTUDY_DOLLY_JSONL"
 ALL = "all"
+# Records in the published file (all of them, context or not).
+DOLLY_RECORDS = 15011
 
 
 class DataError(ValueError):

@@ -31,7 +31,6 @@ from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_padded_adap
 from lorastudy.presets import attention_heads, dtype_policies, load_causal_lm, quantize_base
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import round_up, token_lists
-from lorastudy.internals import lora_layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +248,7 @@ def _generate_all(
 ) -> list[dict[str, Any]]:
     use_compilation_cache(compilation_cache)
     clock = CompileClock.get()
-    runs = [a.adapter for a in job]
+    runs = [answering.adapter for answering in job]
     records = read_jsonl(test_path)
     prompt = PromptTemplate(template)
     prompts = [prompt.prompt(r["instruction"]) for r in records]
@@ -265,7 +264,8 @@ def _generate_all(
     log.info("answering %d prompts in batches of %d for %d runs", len(prompt_ids), s.batch_size, len(runs))
     load_seconds = time.perf_counter() - started
     all_stats, generator, scale = [], None, None
-    for run, out_path, stats_path in ((a.adapter, a.out_path, a.stats_path) for a in job):
+    for answering in job:
+        run = answering.adapter
         run_scale = use_adapter(causal_lm.backbone, run)
         if generator is None or run_scale != scale:
             # LoRA's scale is a constant of the compiled program: a new scale, a new program.
@@ -276,7 +276,7 @@ def _generate_all(
             outputs = [generator(prompt_ids, seed) for seed in s.answer_seeds]
             seconds = time.perf_counter() - run_started
         rows = answer_rows(records, prompts, prompt_ids, outputs, tokenizer)
-        write_jsonl(out_path, rows)
+        write_jsonl(answering.out_path, rows)
         stats = {
             "preset": str(preset),
             "adapter": None if run is None else str(run),
@@ -295,7 +295,7 @@ def _generate_all(
             "load_seconds": load_seconds,
             **timing(sum(sum(r.get("new_tokens_per_seed", [r["new_tokens"]])) for r in rows), seconds, compiled),
         }
-        write_json(stats_path, stats)
+        write_json(answering.stats_path, stats)
         log.info("generated %s", stats)
         all_stats.append(stats)
     return all_stats
@@ -328,7 +328,7 @@ def use_adapter(backbone, adapter: str | os.PathLike | None) -> float:
     """Load `adapter` into the LoRA variables (None: zeros, the base model); returns its scale."""
     if adapter is not None:
         return load_padded_adapter(backbone, adapter).scale
-    layers = lora_layers(backbone) if lora_layer_indices(backbone) else []
+    layers = lora_layers(backbone)
     zeros = [(np.zeros(layer.lora_kernel_a.shape, "float32"), np.zeros(layer.lora_kernel_b.shape, "float32")) for layer in layers]
     set_factors(layers, zeros)
     return 1.0

@@ -26,6 +26,7 @@ import jinja2
 import pandas as pd
 
 from lorastudy import paths
+from lorastudy.config import model_settings
 from lorastudy.data import PUBLISHED_DOLLY_SHA256
 from lorastudy.io import atomic_open, read_jsonl
 from lorastudy.replicates import by_cell, cell_of_run
@@ -134,7 +135,7 @@ def scope(config: Mapping[str, Any], duplicates: Mapping[str, int]) -> dict[str,
 
 def _base_precision(config: Mapping[str, Any], model: str) -> str:
     """How the frozen base was held while its adapters trained and answered: its dtype, and its quantization if any."""
-    train = {**config["train"], **config["models"][model].get("train", {})}
+    train = model_settings(config, model, "train")
     quantize = train.get("quantize", "none")
     held = f"{train.get('precision', 'auto')} precision" + ("" if quantize == "none" else f", base quantized to {quantize} (Keras)")
     return f" ({held})"
