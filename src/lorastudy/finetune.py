@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ import keras
 from lorastudy.checkpoints import Checkpoints, fingerprint
 from lorastudy.compilation import CompileClock, use_compilation_cache
 from lorastudy.distribution import distributed
-from lorastudy.io import atomic_path, write_json
+from lorastudy.io import write_json
 from lorastudy.lora import LoraSpec, enable_lora, initial_factors, set_factors
 from lorastudy.presets import architecture, attention_heads, dtype_policies, load_causal_lm
 from lorastudy.tokens import collate, epoch_batches, pack_rows
@@ -50,6 +49,7 @@ from lorastudy.training import (
     compile_for_training,
     encode_splits,
     peak_memory,
+    publish_adapter,
     write_history,
 )
 
@@ -214,13 +214,8 @@ class _Run:
     def save_epoch(self, epoch: int) -> None:
         state = {"history": self.history, "times": self.times, "steps": self.steps_before_epoch}
         self.checkpoints.save(epoch, self.backbone, self.spec, self.model.optimizer, state)
-        _publish(self.checkpoints.adapter(epoch), self.adapter_paths[epoch - 1])
+        publish_adapter(self.checkpoints.adapter(epoch), self.adapter_paths[epoch - 1])
         log.info("epoch %d: adapter saved to %s", epoch, self.adapter_paths[epoch - 1])
-
-
-def _publish(source: Path, dest: str | os.PathLike) -> None:
-    with atomic_path(dest, suffix=".lora.h5") as tmp:
-        shutil.copyfile(source, tmp)
 
 
 def finetune(
@@ -302,7 +297,7 @@ def _finetune(files: RunFiles, rank: int, template: str, s: TrainSettings, compi
         run.history, run.times, run.steps_before_epoch = state["history"], state["times"], state["steps"]
         run.epochs_done = resumed_from
         for e in range(1, resumed_from + 1):
-            _publish(checkpoints.adapter(e), adapter_paths[e - 1])
+            publish_adapter(checkpoints.adapter(e), adapter_paths[e - 1])
         log.info("resuming after epoch %d of %d from %s", resumed_from, epochs, checkpoints.dir)
     load_seconds = time.perf_counter() - started
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 
 from lorastudy.checkpoints import WaveCheckpoint, fingerprint
 from lorastudy.internals import lora_layer_indices
-from lorastudy.io import atomic_path, write_json
+from lorastudy.io import write_json
 from lorastudy.lora import LoraSpec, enable_lora, initial_factors, pad_rank, write_adapter
 from lorastudy.presets import architecture, dtype_policies, load_causal_lm
 from lorastudy.stacked_step import factor_slots, fits_device, stacked_steps, without_fused_attention
@@ -34,6 +33,7 @@ from lorastudy.training import (
     encode_splits,
     make_optimizer,
     peak_memory,
+    publish_adapter,
     write_history,
 )
 
@@ -273,8 +273,7 @@ class Wave:
 
     def publish(self, k: int, epoch: int) -> None:
         run = self.runs[k]
-        with atomic_path(run.adapter_paths[epoch - 1], suffix=".lora.h5") as tmp:
-            shutil.copyfile(self.checkpoint.adapter(run.name, epoch), tmp)
+        publish_adapter(self.checkpoint.adapter(run.name, epoch), run.adapter_paths[epoch - 1])
 
     def _finish(self, k: int) -> dict[str, Any]:
         import jax

@@ -12,13 +12,14 @@ import logging
 import math
 import os
 import resource
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 
-from lorastudy.io import atomic_open, read_jsonl
+from lorastudy.io import atomic_open, atomic_path, read_jsonl
 from lorastudy.lora import DEFAULT_TARGETS
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import Example, choose_widths, encode_examples
@@ -174,6 +175,12 @@ def peak_memory() -> dict[str, int | None]:
         "peak_device_memory_bytes": max((p for p in peaks if p is not None), default=None),
         "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def publish_adapter(checkpointed: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """An epoch's adapter, copied from the job's checkpoint to its final name; the name appears only once complete."""
+    with atomic_path(dest, suffix=".lora.h5") as tmp:
+        shutil.copyfile(checkpointed, tmp)
 
 
 HISTORY_COLUMNS = ["epoch", "step", "kind", "loss", "accuracy", "val_loss", "val_accuracy", "train_seconds", "steady_train_seconds"]
