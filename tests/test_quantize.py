@@ -47,6 +47,24 @@ def test_the_base_is_int8_and_only_the_adapters_train(tiny_preset):
     assert all("lora" in v.path for v in backbone.trainable_weights)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_training_loss_on_a_quantized_base_starts_where_the_float_bases_does(tiny_preset, mode):
+    """The loss reads the output embedding's matrix itself: it stays in float, or the loss is off by the int8 scale (thousands)."""
+    from lorastudy.loss import response_loss_model
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 300, (4, 32)).astype("int32")
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens), "targets": np.roll(tokens, -1, 1),
+         "loss_weights": np.ones(tokens.shape, "float32")}
+    losses = {}
+    for quantize in ("none", mode):
+        lm = load_causal_lm(tiny_preset)
+        enable_lora(lm.backbone, LoraSpec(4), quantize=quantize)
+        losses[quantize] = float(np.asarray(response_loss_model(lm)(x))[:, 0].sum() / x["loss_weights"].sum())
+    assert losses[mode] == pytest.approx(losses["none"], rel=0.02), losses
+    assert lm.backbone.token_embedding.embeddings.dtype == "float32"
+
+
 def test_lora_trains_on_an_int8_base_and_writes_the_usual_adapter(int8_run, indices):
     epochs = [r for r in csv.DictReader(open(int8_run["dir"] / "history.csv")) if r["kind"] == "epoch"]
     assert float(epochs[1]["loss"]) < float(epochs[0]["loss"])

@@ -80,8 +80,14 @@ def quantize_base(backbone, mode: str) -> None:
 
     Call it before LoRA is enabled, as KerasHub's Gemma guide does: the
     adapters stay in the layers' float policy and train on top of the
-    quantized kernels. float8 is refused: Keras's float8 layers have no LoRA
-    path (EinsumDense's float8 call raises NotImplementedError with LoRA on).
+    quantized kernels. Every layer is quantized except the token embedding:
+    the training loss takes the output projection's matrix itself, chunk by
+    chunk (`loss.ResponseLoss`, never the [tokens, vocabulary] logits), which
+    a quantized embedding holds unscaled; left in float, training and
+    answers use the same output layer. (Gemma 2B's embedding is about 1 GB
+    of its 5 in bfloat16.) float8 is refused: Keras's float8 layers have no
+    LoRA path (EinsumDense's float8 call raises NotImplementedError with
+    LoRA on).
     """
     if mode not in QUANTIZE_MODES:
         raise ModelError(f"train.quantize must be one of {QUANTIZE_MODES}, not {mode!r}")
@@ -91,7 +97,7 @@ def quantize_base(backbone, mode: str) -> None:
         with filtered_stderr(), warnings.catch_warnings():
             # Keras names every layer without weights to quantize (dropout, inputs): nothing is wrong.
             warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize` method")
-            backbone.quantize(mode)
+            backbone.quantize(mode, filters=lambda layer: layer is not backbone.token_embedding)
 
 
 def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
