@@ -1,10 +1,13 @@
-"""Gemma 2 and Gemma 3 through the study: LoRA, answers in Gemma's chat format, the PEFT export.
+"""Gemma 2, 3 and 4 through the study: LoRA, answers in each one's chat format, the PEFT export.
 
 Small random-weight backbones of KerasHub's own classes, with the features
 that set them apart switched on: sliding-window attention (a 16-token window
 that the test sequences cross), Gemma 2's logit soft-capping, Gemma 3's
 query/key norms and its two RoPE wavelengths (six layers: five local, one
-global).
+global), and Gemma 4's E2B/E4B features: per-layer token embeddings, layers
+sharing an earlier layer's keys and values, double-wide feed-forwards there,
+wider heads and partial RoPE in its global layers (six layers, every third
+global), with its own chat turns (`<|turn>` ... `<turn|>`).
 """
 
 from __future__ import annotations
@@ -28,15 +31,28 @@ from lorastudy.io import read_jsonl
 from lorastudy.lora import TARGETS, lora_layers, read_spec
 from lorastudy.models import prepare_model
 from lorastudy.presets import load_causal_lm, preset_architecture
-from lorastudy.prompts import CHAT_TEMPLATE, PromptTemplate
+from lorastudy.prompts import PromptTemplate, chat_turns, template_for
 
-SHAPES = {"gemma2": {"architecture": "gemma2"}, "gemma3": {"architecture": "gemma3", "num_layers": 6}}
+SHAPES = {
+    "gemma2": {"architecture": "gemma2"},
+    "gemma3": {"architecture": "gemma3", "num_layers": 6},
+    # Wider global heads, as E2B's; per-layer embeddings and shared key/value layers are the architecture's tiny defaults.
+    "gemma4": {"architecture": "gemma4", "global_head_dim": 64},
+}
 FAST = {"learning_rate": 5e-3, "batch_size": 4, "log_every_n_steps": 2, "sequence_length": 64, "pad_multiple": 32}
 TOKENS = np.array([[2, *range(40, 63)]], "int32")  # 24 tokens: past the 16-token window
 
 
+def model_inputs(causal_lm, tokens):
+    """What a KerasHub CausalLM is called with: Gemma 4 takes positions too."""
+    inputs = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
+    if "position_ids" in causal_lm.backbone.input:
+        inputs["position_ids"] = np.broadcast_to(np.arange(tokens.shape[1], dtype="int32"), tokens.shape)
+    return inputs
+
+
 def _logits(causal_lm, tokens=TOKENS):
-    return np.asarray(causal_lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}))
+    return np.asarray(causal_lm(model_inputs(causal_lm, tokens)))
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
@@ -84,17 +100,18 @@ def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_da
     architecture, path = preset
     adapters = [tmp_path / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
     finetune(path, tiny_data["train"], tiny_data["val"], adapters, tmp_path / "history.csv", tmp_path / "train.json",
-             rank=4, template=CHAT_TEMPLATE, settings=FAST)
+             rank=4, template=template_for("chat", architecture), settings=FAST)
     epochs = [r for r in csv.DictReader(open(tmp_path / "history.csv")) if r["kind"] == "epoch"]
     assert float(epochs[1]["loss"]) < float(epochs[0]["loss"])
     assert [read_spec(a).rank for a in adapters] == [4, 4]
     assert json.loads((tmp_path / "train.json").read_text())["architecture"] == architecture
     outs = [tmp_path / f"epoch{e}.jsonl" for e in (1, 2)]
-    generate(path, tiny_data["test"], outs, [tmp_path / f"epoch{e}.json" for e in (1, 2)], CHAT_TEMPLATE,
+    generate(path, tiny_data["test"], outs, [tmp_path / f"epoch{e}.json" for e in (1, 2)], template_for("chat", architecture),
              adapters=adapters, rank=4, settings={"batch_size": 4, "max_new_tokens": 8, "pad_multiple": 16})
     rows = read_jsonl(outs[1])
     assert len(rows) == len(read_jsonl(tiny_data["test"]))
-    assert rows[0]["prompt"].startswith("<start_of_turn>user\n") and rows[0]["prompt"].endswith("<start_of_turn>model\n")
+    start, _ = chat_turns(architecture)
+    assert rows[0]["prompt"].startswith(f"{start}user\n") and rows[0]["prompt"].endswith(f"{start}model\n")
 
 
 def test_without_tensorflow_the_generic_text_preprocessor_serves(preset, tiny_data, tmp_path, monkeypatch):
@@ -107,15 +124,16 @@ def test_without_tensorflow_the_generic_text_preprocessor_serves(preset, tiny_da
                          train_path=tiny_data["train"], sequence_length=64)
     assert json.loads((path / "preprocessor.json").read_text())["registered_name"] == "keras_hub>CausalLMPreprocessor"
     assert type(load_causal_lm(path).preprocessor).__name__ == "CausalLMPreprocessor"
-    (stats,) = generate(path, tiny_data["test"], [tmp_path / "a.jsonl"], [tmp_path / "a.json"], CHAT_TEMPLATE,
+    (stats,) = generate(path, tiny_data["test"], [tmp_path / "a.jsonl"], [tmp_path / "a.json"], template_for("chat", architecture),
                         settings={"batch_size": 4, "max_new_tokens": 4, "pad_multiple": 16})
     assert stats["prompts"] == len(read_jsonl(tiny_data["test"]))
 
 
 def test_chat_answers_stop_at_end_of_turn(preset):
-    _, path = preset
+    architecture, path = preset
     tokenizer = load_for_generation(path).preprocessor.tokenizer
-    assert stop_token_ids(tokenizer, PromptTemplate(CHAT_TEMPLATE)) == (1, tokenizer.token_to_id("<end_of_turn>"))
+    end = tokenizer.token_to_id(chat_turns(architecture)[1])
+    assert stop_token_ids(tokenizer, PromptTemplate(template_for("chat", architecture))) == (1, end)
     with pytest.raises(ValueError, match="must be one token of the model's tokenizer"):
         stop_token_ids(tokenizer, PromptTemplate("{instruction}{response} the end"))
 
@@ -157,8 +175,23 @@ def twins(preset, architecture, tmp):
     else:
         _random_norms(b.weights)
         b.export_to_transformers(str(tmp / "hf"))
+        if architecture == "gemma4":
+            proportional_rope(tmp / "hf" / "config.json")
     lm.save_to_preset(str(tmp / "keras"))
     return tmp / "keras", tmp / "hf"
+
+
+def proportional_rope(config_path) -> None:
+    """Name the rotary embedding of Gemma 4's global layers as Google's checkpoints do (`rope_type: proportional`).
+
+    KerasHub 0.32's exporter leaves it out, and transformers then rotates the
+    first quarter of each head with frequencies over that quarter, not over
+    the head as Gemma 4 (and KerasHub's own layers) do: logits differ by
+    about 5e-3 at 24 tokens, and a real checkpoint is unaffected.
+    """
+    config = json.loads(config_path.read_text())
+    config["rope_parameters"]["full_attention"]["rope_type"] = "proportional"
+    config_path.write_text(json.dumps(config))
 
 
 def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
@@ -166,12 +199,14 @@ def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
     keras_preset, hf_dir = twins(path, architecture, tmp_path)
     lm = load_causal_lm(keras_preset)
     random_adapter(lm.backbone, tmp_path / "adapter.lora.h5")
-    assert len(lora_layers(lm.backbone)) == len(TARGETS) * lm.backbone.num_layers
+    # Gemma 4's shared layers have no key or value projection of their own.
+    shared = getattr(lm.backbone, "num_kv_shared_layers", 0)
+    assert len(lora_layers(lm.backbone)) == len(TARGETS) * lm.backbone.num_layers - 2 * shared
     expected = _logits(lm)
     peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft", base_model_name_or_path=str(hf_dir))
 
     name, plain, actual = transformers_logits(hf_dir, tmp_path / "peft", TOKENS)
-    assert name == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[architecture]
+    assert name == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma4": "Gemma4ForCausalLM"}[architecture]
     np.testing.assert_allclose(plain, _logits(load_causal_lm(keras_preset)), rtol=1e-4, atol=1e-4)
     assert np.abs(actual - plain).max() > 1e-2
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
@@ -186,7 +221,10 @@ from lorastudy.presets import attention_heads, load_causal_lm
 preset = sys.argv[1]
 tokens = np.array([[2, *range(40, 63)]] * 2, "int32")
 x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
-one = np.asarray(load_causal_lm(preset)(x))
+one = load_causal_lm(preset)
+if "position_ids" in one.backbone.input:
+    x["position_ids"] = np.broadcast_to(np.arange(tokens.shape[1], dtype="int32"), tokens.shape)
+one = np.asarray(one(x))
 with distributed(2, 2, heads=attention_heads(preset)):
     lm = load_causal_lm(preset)
     split = np.asarray(lm(x))
@@ -226,3 +264,30 @@ def _datasets(group, prefix=""):
             yield from _datasets(item, f"{prefix}{key}/")
         else:
             yield f"{prefix}{key}"
+
+
+def test_a_multimodal_gemma4_keeps_its_text_decoder_and_its_weights():
+    """Kaggle's Gemma 4 presets carry vision (and audio) encoders; the model stage keeps the text decoder alone."""
+    import keras_hub
+
+    from lorastudy.models import text_only, train_gemma_tokenizer
+    from lorastudy.presets import ARCHITECTURES, causal_lm_preprocessor
+
+    proto = train_gemma_tokenizer(["a few words to train on"] * 40, 300, chat_turns("gemma4"))
+    tokenizer = keras_hub.models.Gemma4Tokenizer(proto=proto, has_vision_tokens=False, has_video_tokens=False)
+    vision = keras_hub.models.Gemma4VisionEncoder(image_size=32, patch_size=8, num_heads=2, hidden_dim=32, num_layers=1, intermediate_dim=64,
+                                                  head_dim=16, output_dim=64, pool_size=2, position_embedding_size=16, dtype="float32")
+    backbone = keras_hub.models.Gemma4Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(), num_layers=6, num_query_heads=2, num_key_value_heads=1, hidden_dim=64,
+        intermediate_dim=128, head_dim=32, sliding_window_pattern=3, vision_encoder=vision, dtype="float32",
+        **{**ARCHITECTURES["gemma4"][1], "image_size": 32},
+    )
+    preprocessor = causal_lm_preprocessor(keras_hub.models.Gemma4CausalLMPreprocessor, tokenizer, 64)
+    text = text_only(keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor))
+    assert sorted(text.backbone.input) == ["padding_mask", "position_ids", "token_ids"]
+    assert text.backbone.vision_encoder is None
+    theirs = {v.path: np.asarray(v) for v in backbone.weights}
+    assert len(text.backbone.weights) < len(backbone.weights)
+    for v in text.backbone.weights:
+        np.testing.assert_array_equal(np.asarray(v), theirs[v.path], err_msg=v.path)
+    assert text_only(text) is text

@@ -118,6 +118,7 @@ def test_bad_model_override_names_the_key():
     ["config.yaml", "paper.yaml", "benchmarks/configs/paper_2b_shape.yaml", "benchmarks/configs/paper_part_a.yaml"],
     ["config.yaml", "paper.yaml", "benchmarks/configs/paper_2b_shape.yaml", "benchmarks/configs/paper_part_b.yaml"],
     ["config.yaml", "paper.yaml", "paper_gemma3.yaml"],
+    ["config.yaml", "paper.yaml", "paper_gemma4.yaml"],
 ])
 def test_benchmark_configs_are_valid_as_snakemake_layers_them(layers):
     merged = {}
@@ -125,6 +126,26 @@ def test_benchmark_configs_are_valid_as_snakemake_layers_them(layers):
         path = REPO / name if "/" in name else REPO / "config" / name
         merged = _snakemake_merge(merged, yaml.safe_load(path.read_text()))
     validate_config(merged, SCHEMA)
+
+
+def test_the_chat_format_takes_each_models_own_turns():
+    """Gemma 4 has its own turn tokens; its instruction-tuned models in paper_gemma4.yaml get them, the pretrained ones the plain template."""
+    from lorastudy.config import prompt_template
+    from lorastudy.prompts import DEFAULT_TEMPLATE, template_for
+
+    merged = {}
+    for name in ("config.yaml", "paper.yaml", "paper_gemma4.yaml"):
+        merged = _snakemake_merge(merged, load(name))
+    validate_config(merged, SCHEMA)
+    assert prompt_template(merged, "gemma4_instruct_2b") == template_for("chat", "gemma4")
+    assert "<|turn>user" in prompt_template(merged, "gemma4_instruct_4b")
+    assert prompt_template(merged, "gemma4_2b") == DEFAULT_TEMPLATE
+    # With chat for every model, each gets its own turns.
+    config = {**merged, "prompt": {"format": "chat"}, "models": {**merged["models"], "g3": {"source": "keras_hub", "preset": "gemma3_1b"}}}
+    config["models"] = {k: {kk: vv for kk, vv in v.items() if kk != "prompt"} for k, v in config["models"].items()}
+    validate_config(config, SCHEMA)
+    assert prompt_template(config, "gemma4_2b") == template_for("chat", "gemma4")
+    assert prompt_template(config, "g3") == template_for("chat", "gemma")
 
 
 def test_dolly_eval_layer_sets_every_setting_the_protocol_fixes():

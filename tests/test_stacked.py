@@ -2,7 +2,7 @@
 
 The group trainer (lorastudy.stacked) and the per-run trainer (Keras `fit`,
 lorastudy.finetune) are two implementations of one run; these tests hold
-them to each other for Gemma, Gemma 2 and Gemma 3 in float32, with mixed
+them to each other for Gemma, Gemma 2, Gemma 3 and Gemma 4 in float32, with mixed
 ranks and seeds, several batch widths (so a step's rows are padded to the
 widest run's), gradient clipping and a warm-up/decay schedule.
 """
@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_architectures import SHAPES
+
 from lorastudy import stacked_wave
 from lorastudy.finetune import finetune
 from lorastudy.training import NonFiniteLossError
 from lorastudy.lora import read_factors, read_spec
 from lorastudy.models import prepare_model
 from lorastudy.paths import group_runs
+from lorastudy.presets import preset_architecture
 from lorastudy.prompts import DEFAULT_TEMPLATE
 from lorastudy.stacked import GroupRun, finetune_group, waves_by_scale
 
@@ -57,13 +60,14 @@ def epoch_rows(path) -> list[dict]:
         return [row for row in csv.DictReader(f)]
 
 
-def assert_same_run(preset, stacked: GroupRun, alone: dict) -> None:
+def assert_same_run(preset, stacked: GroupRun, alone: dict, scale_tolerance: float = 0.0) -> None:
+    """Same factors (to rtol 1e-4, or `scale_tolerance` of each factor's largest entry) and the same history."""
     for ours, theirs in zip(stacked.adapter_paths, alone["adapters"], strict=True):
         assert read_spec(ours) == read_spec(theirs)
         for (a, b), (a2, b2) in zip(factors(preset, ours), factors(preset, theirs), strict=True):
             assert a.shape == a2.shape and b.shape == b2.shape
-            np.testing.assert_allclose(a, a2, rtol=1e-4, atol=2e-6, err_msg=f"{ours}: A")
-            np.testing.assert_allclose(b, b2, rtol=1e-4, atol=2e-6, err_msg=f"{ours}: B")
+            np.testing.assert_allclose(a, a2, rtol=1e-4, atol=max(2e-6, scale_tolerance * np.abs(a2).max()), err_msg=f"{ours}: A")
+            np.testing.assert_allclose(b, b2, rtol=1e-4, atol=max(2e-6, scale_tolerance * np.abs(b2).max()), err_msg=f"{ours}: B")
             assert np.abs(b).max() > 0, "the adapter did not train"
     ours, theirs = epoch_rows(stacked.history_path), epoch_rows(alone["history"])
     assert [(r["epoch"], r["step"], r["kind"]) for r in ours] == [(r["epoch"], r["step"], r["kind"]) for r in theirs]
@@ -86,18 +90,30 @@ def test_stacked_adapters_equal_their_separate_runs_gemma(tiny_preset, tiny_data
     assert not (tmp_path / "checkpoints").exists(), "a finished group leaves no resume state"
 
 
-@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=sorted(SHAPES))
 def other_preset(request, tmp_path_factory, tiny_data):
-    shape = {"gemma2": {"architecture": "gemma2"}, "gemma3": {"architecture": "gemma3", "num_layers": 6}}[request.param]
     dest = tmp_path_factory.mktemp(request.param) / "preset"
-    return prepare_model(request.param, {"source": "tiny", "tiny": shape}, dest, train_path=tiny_data["train"], sequence_length=64)
+    return prepare_model(request.param, {"source": "tiny", "tiny": SHAPES[request.param]}, dest, train_path=tiny_data["train"], sequence_length=64)
 
 
-def test_stacked_adapters_equal_their_separate_runs_gemma2_gemma3(other_preset, tiny_data, tmp_path):
+@pytest.fixture(scope="module", params=["gemma", "gemma4"])
+def resumable_preset(request, tiny_preset, tmp_path_factory, tiny_data):
+    if request.param == "gemma":
+        return tiny_preset
+    dest = tmp_path_factory.mktemp("resume_gemma4") / "preset"
+    return prepare_model("gemma4", {"source": "tiny", "tiny": SHAPES["gemma4"]}, dest, train_path=tiny_data["train"], sequence_length=64)
+
+
+def test_stacked_adapters_equal_their_separate_runs_gemma2_to_gemma4(other_preset, tiny_data, tmp_path):
     runs = group(tmp_path, runs=[(2, 0), (4, 1)], epochs=1)
     finetune_group(other_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, tmp_path / "ck", SETTINGS)
+    # Gemma 2 and 3 train the very same numbers stacked and alone; Gemma 4's do not, though the
+    # losses agree to 1e-6: XLA sums its steps in another order under vmap, and Adam's
+    # normalisation magnifies that rounding in the smallest gradients (measured: 7e-4 of a
+    # factor's largest entry after 8 steps).
+    tolerance = 2e-3 if preset_architecture(other_preset) == "gemma4" else 0.0
     for run in runs:
-        assert_same_run(other_preset, run, train_alone(other_preset, tiny_data, run, tmp_path))
+        assert_same_run(other_preset, run, train_alone(other_preset, tiny_data, run, tmp_path), tolerance)
 
 
 def test_packed_stacked_adapters_equal_their_separate_runs(tiny_preset, tiny_data, tmp_path):
@@ -139,7 +155,7 @@ def test_a_diverging_adapter_stops_alone_and_the_others_finish(tiny_preset, tiny
     assert Path(good.adapter_paths[0]).is_file()
 
 
-def test_a_group_stopped_after_an_epoch_resumes_from_it(tiny_preset, tiny_data, tmp_path, monkeypatch):
+def test_a_group_stopped_after_an_epoch_resumes_from_it(resumable_preset, tiny_data, tmp_path, monkeypatch):
     """Interrupted after epoch 1's checkpoint, the rerun trains epoch 2 only and ends where an uninterrupted group does."""
 
     runs = group(tmp_path, runs=[(2, 0), (4, 1)])
@@ -153,18 +169,18 @@ def test_a_group_stopped_after_an_epoch_resumes_from_it(tiny_preset, tiny_data, 
 
     monkeypatch.setattr(stacked_wave.Wave, "_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
+        finetune_group(resumable_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
     assert Path(runs[0].adapter_paths[0]).is_file() and not Path(runs[0].adapter_paths[1]).exists()
     monkeypatch.setattr(stacked_wave.Wave, "_save", save)
-    resumed = finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
+    resumed = finetune_group(resumable_preset, tiny_data["train"], tiny_data["val"], runs, DEFAULT_TEMPLATE, checkpoint, SETTINGS)
     assert [s["resumed_from_epoch"] for s in resumed] == [1, 1]
     assert [s["epochs_trained_this_run"] for s in resumed] == [1, 1]
 
     whole = group(tmp_path / "whole", runs=[(2, 0), (4, 1)])
-    finetune_group(tiny_preset, tiny_data["train"], tiny_data["val"], whole, DEFAULT_TEMPLATE, tmp_path / "ck2", SETTINGS)
+    finetune_group(resumable_preset, tiny_data["train"], tiny_data["val"], whole, DEFAULT_TEMPLATE, tmp_path / "ck2", SETTINGS)
     for a, b in zip(runs, whole):
         assert _numbers(a.history_path) == _numbers(b.history_path)
-        for (x, y), (x2, y2) in zip(factors(tiny_preset, a.adapter_paths[-1]), factors(tiny_preset, b.adapter_paths[-1])):
+        for (x, y), (x2, y2) in zip(factors(resumable_preset, a.adapter_paths[-1]), factors(resumable_preset, b.adapter_paths[-1])):
             np.testing.assert_array_equal(x, x2)
             np.testing.assert_array_equal(y, y2)
 

@@ -41,6 +41,14 @@ def test_gemma2_and_gemma3_paper_dag_dry_run(tmp_path):
     assert per_run.stdout.count("rule generate_base:") == 4
 
 
+def test_gemma4_paper_dag_dry_run(tmp_path):
+    configs = [str(REPO / "config" / name) for name in ("paper.yaml", "paper_gemma4.yaml")]
+    result = snakemake(tmp_path, "-n", "--configfile", *configs)
+    for model in ("gemma4_2b", "gemma4_instruct_2b", "gemma4_4b", "gemma4_instruct_4b"):
+        assert f"model={model}" in result.stdout
+    assert result.stdout.count("rule finetune:") == 4 * 3 and result.stdout.count("rule generate:") == 4
+
+
 def test_bad_config_stops_the_workflow_naming_the_key(tmp_path):
     config = data_config(tmp_path, make_dolly(tmp_path / "dolly.jsonl", n=10))
     config["data"]["val_sise"] = 3

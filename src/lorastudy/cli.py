@@ -22,11 +22,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorastudy.prompts import DEFAULT_TEMPLATE, TEMPLATES, PromptTemplate
+from lorastudy.prompts import DEFAULT_TEMPLATE, PromptTemplate, template_for
 
 
 def ask(args: argparse.Namespace) -> str:
     from lorastudy.generate import GenerateSettings, Generator, detokenize, load_for_generation, prompt_token_ids
+    from lorastudy.presets import architecture
 
     settings = GenerateSettings(
         batch_size=1,
@@ -38,7 +39,7 @@ def ask(args: argparse.Namespace) -> str:
     )
     causal_lm = load_for_generation(args.model, args.adapter, settings=settings, quantize=args.quantize)
     tokenizer = causal_lm.preprocessor.tokenizer
-    template = PromptTemplate(TEMPLATES["chat"] if args.chat else args.template)
+    template = PromptTemplate(template_for("chat", architecture(causal_lm.backbone)) if args.chat else args.template)
     (out,) = Generator.for_task(causal_lm, settings, template)(prompt_token_ids(tokenizer, [template.prompt(args.prompt)]))
     return detokenize(tokenizer, out["new_ids"])
 

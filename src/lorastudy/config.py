@@ -73,24 +73,41 @@ def resolve_prompts(config: MutableMapping[str, Any]) -> None:
     """Fill in each prompt template from its format, and check every template.
 
     A model's own `prompt.template` or `prompt.format` comes first, then the
-    prompt section's template, then its format.
+    prompt section's template, then its format. The chat format takes the
+    model's own turn tokens (Gemma 4 has its own, `prompts.template_for`).
     """
-    from lorastudy.prompts import TEMPLATES, PromptTemplate
+    from lorastudy.prompts import PromptTemplate, template_for
 
     section = config["prompt"]
-    if section["template"] is None:
-        section["template"] = TEMPLATES[section["format"]]
+    from_format = section["template"] is None
+    if from_format:
+        section["template"] = template_for(section["format"])
     places = [("prompt", section)]
     for name, spec in config["models"].items():
-        own = spec.get("prompt")
-        if own is not None:
-            own.setdefault("template", TEMPLATES[own["format"]] if "format" in own else section["template"])
+        own = spec.get("prompt") or {}
+        architecture = chat_architecture(spec)
+        if "template" not in own and ("format" in own or (from_format and architecture != "gemma")):
+            own["template"] = template_for(own.get("format", section["format"]), architecture)
+        if own:
+            spec["prompt"] = own
             places.append((f"models.{name}.prompt", own))
     for where, prompt in places:
         try:
             PromptTemplate(prompt["template"])
         except ValueError as error:
             raise ConfigError(f"invalid config:\n  {where}.template: {error}") from None
+
+
+def chat_architecture(spec: Mapping[str, Any]) -> str:
+    """Whose chat turns a model takes, as far as its config says: a tiny model's architecture, or gemma4 for a Gemma 4 preset.
+
+    Any other model gets Gemma 1-3's turns; a Gemma 4 under another name
+    stops at its first job, where the template's end is not one token of
+    its tokenizer (`generate.stop_token_ids` names prompt.template).
+    """
+    if spec["source"] == "tiny":
+        return spec.get("tiny", {}).get("architecture", "gemma")
+    return "gemma4" if "gemma4" in str(spec.get("preset", "")).lower() else "gemma"
 
 
 def prompt_template(config: MutableMapping[str, Any], model: str) -> str:

@@ -5,7 +5,7 @@
   `from_preset` loads the fine-tuned model with no LoRA code.
 - A PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) with
   the tensor names and shapes PEFT expects for transformers' Gemma,
-  Gemma2 and Gemma3 (text) causal LMs, which name their modules alike.
+  Gemma2, Gemma3 (text) and Gemma4 causal LMs, which name their modules alike.
 
 KerasHub's LoRA factors follow its kernels' head axes. For the query, key and
 value projections (kernel [heads, hidden, head_dim]) A is per head
@@ -34,7 +34,7 @@ from lorastudy.internals import sublayers
 
 log = logging.getLogger(__name__)
 
-# KerasHub layer names -> transformers' module names, the same in Gemma, Gemma 2 and Gemma 3.
+# KerasHub layer names -> transformers' module names, the same in Gemma 1 to 4.
 HF_MODULES = {
     "query": "self_attn.q_proj",
     "key": "self_attn.k_proj",

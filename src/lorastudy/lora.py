@@ -26,7 +26,7 @@ from lorastudy.io import atomic_path
 from lorastudy.internals import h5_store, lora_layer_indices, sublayers
 from lorastudy.presets import quantize_base
 
-# KerasHub's layer names in Gemma, Gemma 2 and Gemma 3 decoder blocks.
+# KerasHub's layer names in Gemma 1 to 4 decoder blocks (Gemma 4's shared-KV layers have no key or value).
 ATTENTION = ("query", "key", "value", "attention_output")
 FEED_FORWARD = ("ffw_gating", "ffw_gating_2", "ffw_linear")
 TARGETS = ATTENTION + FEED_FORWARD

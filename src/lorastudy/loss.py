@@ -168,7 +168,10 @@ def response_loss_model(causal_lm, groups: int = 1, segments: bool = False) -> k
         "targets": keras.Input(shape=(None,), dtype="int32", name="targets"),
         "loss_weights": keras.Input(shape=(None,), dtype="float32", name="loss_weights"),
     }
-    hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
+    features = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
+    if "position_ids" in backbone.input:
+        features["position_ids"] = SegmentPositions()(inputs["padding_mask"])
+    hidden = backbone(features)
     stats = ResponseLoss(backbone.token_embedding, groups)(hidden, inputs["targets"], inputs["loss_weights"])
     return keras.Model(inputs, stats, name="lora_training")
 
@@ -197,6 +200,24 @@ def _segment_mask(compute_mask, x, padding_mask, *args):
     # A padding position's query (segment 0) keeps KerasHub's mask, so that no row of it is empty.
     same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, :, None] == 0)
     return mask * same.astype(mask.dtype)
+
+
+class SegmentPositions(keras.layers.Layer):
+    """Each token's position within its record, for backbones that take positions (Gemma 4).
+
+    A row of one record is numbered 0, 1, ... as KerasHub's preprocessor
+    does; in a packed row (the padding mask numbers its records) each record
+    starts again at 0, so that it sees the very positions it has alone.
+    """
+
+    def call(self, padding_mask):
+        segment = jnp.asarray(padding_mask, "int32")
+        index = jnp.broadcast_to(jnp.arange(segment.shape[1], dtype="int32"), segment.shape)
+        starts = jnp.concatenate([jnp.ones_like(segment[:, :1], bool), segment[:, 1:] != segment[:, :-1]], axis=1)
+        return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+    def compute_output_spec(self, padding_mask):
+        return keras.KerasTensor(padding_mask.shape, dtype="int32")
 
 
 class ResponseLoss(keras.layers.Layer):

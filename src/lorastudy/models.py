@@ -12,12 +12,13 @@ import io
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lorastudy.io import atomic_dir, read_jsonl
 from lorastudy.presets import ARCHITECTURES, ModelError, causal_lm_preprocessor, load_causal_lm
+from lorastudy.prompts import CHAT_TURNS, chat_turns
 from lorastudy.quiet import filtered_stderr
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ TINY_DEFAULTS = {
     "head_dim": 32,
 }
 # The tiny Gemma 2 and 3's sliding window (unless the config sets its own).
+# Gemma 4's shared key/value layers reuse an earlier layer of their kind (local
+# or global): six layers with a global one every third leave both kinds a source.
+TINY_ARCHITECTURE_DEFAULTS = {"gemma4": {"num_layers": 6, "sliding_window_pattern": 3}}
 TINY_WINDOW = 16
 # Gemma's special tokens, at Gemma's ids.
 GEMMA_SPECIAL = {"pad": ("<pad>", 0), "eos": ("<eos>", 1), "bos": ("<bos>", 2), "unk": ("<unk>", 3)}
@@ -58,7 +62,7 @@ def prepare_model(
         if source == "tiny":
             if train_path is None:
                 raise ValueError("the tiny model's tokenizer is trained on the training data: give train_path")
-            build_tiny_gemma(tmp, read_jsonl(train_path), {**TINY_DEFAULTS, **spec.get("tiny", {})}, sequence_length, seed)
+            build_tiny_gemma(tmp, read_jsonl(train_path), tiny_shape(spec.get("tiny", {})), sequence_length, seed)
         elif source == "keras_hub":
             download_keras_hub_preset(name, spec.get("preset", name), tmp)
         elif source == "local":
@@ -73,8 +77,8 @@ def prepare_model(
     return Path(dest)
 
 
-def train_gemma_tokenizer(texts: list[str], vocabulary_size: int) -> bytes:
-    """A SentencePiece BPE model with Gemma's special tokens and byte fallback."""
+def train_gemma_tokenizer(texts: list[str], vocabulary_size: int, turn_tokens: Sequence[str] = CHAT_TURNS["gemma"]) -> bytes:
+    """A SentencePiece BPE model with Gemma's special tokens, its chat turns' tokens, and byte fallback."""
     import sentencepiece as spm
 
     ids = {f"{kind}_id": i for kind, (_, i) in GEMMA_SPECIAL.items()}
@@ -85,7 +89,7 @@ def train_gemma_tokenizer(texts: list[str], vocabulary_size: int) -> bytes:
         model_writer=model,
         vocab_size=vocabulary_size,
         model_type="bpe",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=list(turn_tokens),
         byte_fallback=True,
         hard_vocab_limit=False,
         character_coverage=1.0,
@@ -101,6 +105,11 @@ def train_gemma_tokenizer(texts: list[str], vocabulary_size: int) -> bytes:
         **pieces,
     )
     return model.getvalue()
+
+
+def tiny_shape(tiny: Mapping[str, Any]) -> dict[str, Any]:
+    """The tiny model's shape: the config's `tiny` keys over its architecture's defaults."""
+    return {**TINY_DEFAULTS, **TINY_ARCHITECTURE_DEFAULTS.get(tiny.get("architecture", "gemma"), {}), **tiny}
 
 
 def build_tiny_gemma(
@@ -122,11 +131,13 @@ def build_tiny_gemma(
     if flags.get("use_sliding_window_attention"):
         # Short, so that the test sequences cross it.
         flags = {**flags, "sliding_window_size": TINY_WINDOW}
-    proto = train_gemma_tokenizer(texts, shape.pop("vocabulary_size"))
+    proto = train_gemma_tokenizer(texts, shape.pop("vocabulary_size"), chat_turns(architecture))
     classes = keras_hub.models
     with filtered_stderr():
         if prefix == "Gemma3":
             tokenizer = classes.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
+        elif prefix == "Gemma4":
+            tokenizer = classes.Gemma4Tokenizer(proto=proto, has_vision_tokens=False, has_video_tokens=False)
         else:
             tokenizer = classes.GemmaTokenizer(proto=proto)
     keras.utils.set_random_seed(seed)
@@ -176,7 +187,30 @@ def download_keras_hub_preset(name: str, preset: str, dest: str | os.PathLike) -
         task = load_causal_lm(preset, dtype="bfloat16")
     except Exception as error:
         raise ModelError(f"model {name}: KerasHub could not load preset {preset}: {redact(str(error))}") from None
-    task.save_to_preset(str(dest))
+    text_only(task).save_to_preset(str(dest))
+
+
+def text_only(causal_lm):
+    """The text decoder alone of a multimodal Gemma (Gemma 4's presets, Gemma 3 4B and up): the same weights, no vision or audio encoder.
+
+    The study trains and answers on text; KerasHub's multimodal backbones
+    also take image (and audio) inputs, which no text-only call gives them,
+    and their encoders would take memory for nothing. A text model passes
+    through unchanged.
+    """
+    backbone = causal_lm.backbone
+    encoders = [e for e in (getattr(backbone, "vision_encoder", None), getattr(backbone, "audio_encoder", None)) if e is not None]
+    if not encoders:
+        return causal_lm
+    config = {**backbone.get_config(), "vision_encoder": None, "audio_encoder": None}
+    text = type(backbone).from_config(config)
+    weights = {v.path: v for v in backbone.weights}
+    for variable in text.weights:
+        variable.assign(weights[variable.path])
+    preprocessor = causal_lm.preprocessor
+    preprocessor = causal_lm_preprocessor(type(preprocessor), preprocessor.tokenizer, preprocessor.sequence_length)
+    log.info("kept the text decoder of %s: %d of %d parameters", type(backbone).__name__, text.count_params(), backbone.count_params())
+    return type(causal_lm)(backbone=text, preprocessor=preprocessor)
 
 
 def redact(text: str) -> str:

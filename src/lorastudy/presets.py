@@ -104,12 +104,28 @@ def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
     """Load a prepared preset (or any KerasHub preset) as a CausalLM task."""
     import keras_hub
 
+    task = causal_lm_class(preset)
     with filtered_stderr(), weights_from_the_preset():
         if tensorflow_available():
-            return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
+            return task.from_preset(str(preset), dtype=dtype)
         # Without TensorFlow, the generic text preprocessor (see causal_lm_preprocessor).
         preprocessor = keras_hub.models.CausalLMPreprocessor(keras_hub.tokenizers.Tokenizer.from_preset(str(preset)))
-        return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype, preprocessor=preprocessor)
+        return task.from_preset(str(preset), dtype=dtype, preprocessor=preprocessor)
+
+
+def causal_lm_class(preset: str | os.PathLike):
+    """KerasHub's task class for a preset: `CausalLM`, which picks the backbone's own, except for Gemma 4.
+
+    For a Gemma 4 backbone, `CausalLM.from_preset` picks the first subclass
+    registered for it, the speculative-decoding draft model
+    (Gemma4AssistantCausalLM), which such a preset cannot build; the plain
+    Gemma4CausalLM is named instead.
+    """
+    import keras_hub
+
+    config = Path(preset) / "config.json"
+    backbone = json.loads(config.read_text()).get("registered_name", "") if config.is_file() else str(preset)
+    return keras_hub.models.Gemma4CausalLM if "gemma4" in backbone.lower() else keras_hub.models.CausalLM
 
 
 @contextmanager
@@ -131,10 +147,13 @@ def weights_from_the_preset() -> Iterator[None]:
         yield
 
 
-# What makes a Gemma a Gemma 2 or a Gemma 3, in KerasHub's own classes and
+# What makes a Gemma a Gemma 2, 3 or 4, in KerasHub's own classes and
 # flags (Gemma 2 is KerasHub's GemmaBackbone with these on): sliding-window
 # attention in alternate layers (Gemma 3: five of every six), logit
 # soft-capping (Gemma 2), query/key norms and two RoPE wavelengths (Gemma 3).
+# Gemma 4's small models (E2B, E4B) add per-layer token embeddings, layers
+# that reuse an earlier layer's keys and values, wider feed-forwards in those
+# layers, wider heads and partial RoPE in the global layers.
 # The window's size is each model's own. Defined here once: the tiny builder,
 # the GGUF converter and the GPU benchmark's shapes all take their flags.
 ARCHITECTURES = {
@@ -153,19 +172,31 @@ ARCHITECTURES = {
         "use_post_attention_norm": True,
         "use_sliding_window_attention": True,
     }),
+    "gemma4": ("Gemma4", {
+        "image_size": None,
+        "use_sliding_window_attention": True,
+        "final_logit_soft_cap": 30.0,
+        "hidden_size_per_layer_input": 16,
+        "num_kv_shared_layers": 2,
+        "use_double_wide_mlp": True,
+        "global_rope_partial_rotary_factor": 0.25,
+    }),
 }
+# KerasHub's backbone class name -> architecture, where the class says it alone.
+_BY_CLASS = {"Gemma3Backbone": "gemma3", "Gemma4Backbone": "gemma4"}
 
 
 def _architecture(class_name: str, post_ffw_norm: bool) -> str:
-    if class_name.endswith("Gemma3Backbone"):
-        return "gemma3"
-    if class_name.endswith("GemmaBackbone"):
+    short = class_name.rsplit(">", 1)[-1]
+    if short in _BY_CLASS:
+        return _BY_CLASS[short]
+    if short == "GemmaBackbone":
         return "gemma2" if post_ffw_norm else "gemma"
     raise ModelError(f"not a Gemma backbone of KerasHub: {class_name or 'no class name'}")
 
 
 def architecture(backbone) -> str:
-    """`gemma`, `gemma2` or `gemma3`, from a KerasHub backbone's class and flags (never its preset's name)."""
+    """`gemma`, `gemma2`, `gemma3` or `gemma4`, from a KerasHub backbone's class and flags (never its preset's name)."""
     return _architecture(type(backbone).__name__, bool(getattr(backbone, "use_post_ffw_norm", False)))
 
 

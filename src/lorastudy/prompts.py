@@ -12,6 +12,8 @@ Two formats (`prompt.format`):
   tutorial, for pretrained checkpoints;
 - `chat`: Gemma's chat turns, which its instruction-tuned checkpoints
   (`gemma2_instruct_2b_en`, `gemma3_instruct_1b`, ...) were trained on.
+  Gemma 4 marks turns with its own tokens (`<|turn>` ... `<turn|>`), so
+  the chat template depends on the model (`template_for`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,24 @@ import string
 from dataclasses import dataclass
 
 DEFAULT_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"
-CHAT_TEMPLATE = "<start_of_turn>user\n{instruction}<end_of_turn>\n<start_of_turn>model\n{response}<end_of_turn>"
+# The tokens that open and close a chat turn: Gemma 1 to 3 and 3n share one pair; Gemma 4 has its own.
+CHAT_TURNS = {"gemma": ("<start_of_turn>", "<end_of_turn>"), "gemma4": ("<|turn>", "<turn|>")}
+_CHAT = "{start}user\n{{instruction}}{end}\n{start}model\n{{response}}{end}"
+CHAT_TEMPLATE = _CHAT.format(start="<start_of_turn>", end="<end_of_turn>")
 TEMPLATES = {"plain": DEFAULT_TEMPLATE, "chat": CHAT_TEMPLATE}
+
+
+def chat_turns(architecture: str) -> tuple[str, str]:
+    """The (open, close) tokens of a chat turn for a KerasHub architecture (`gemma`, ..., `gemma4`)."""
+    return CHAT_TURNS["gemma4" if architecture == "gemma4" else "gemma"]
+
+
+def template_for(prompt_format: str, architecture: str = "gemma") -> str:
+    """The template of `prompt_format` (plain or chat) for a model of `architecture`."""
+    if prompt_format == "chat":
+        start, end = chat_turns(architecture)
+        return _CHAT.format(start=start, end=end)
+    return TEMPLATES[prompt_format]
 # How `filter_context` folds a record's context into its instruction in
 # `include` mode, so that one template serves both modes.
 DEFAULT_CONTEXT_TEMPLATE = "{instruction}\n\nContext:\n{context}"
