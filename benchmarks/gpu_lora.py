@@ -72,9 +72,11 @@ def ours_train(args, causal_lm=None) -> None:
             model = compile_for_training(causal_lm, settings, total_steps=len(data))
             started = time.perf_counter()
             model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+            synced(model)
             compile_s = time.perf_counter() - started
             started = time.perf_counter()
             model.fit(data, epochs=1, steps_per_epoch=args.steps, verbose=0)
+            synced(model)
             seconds = time.perf_counter() - started
         except Exception as error:  # noqa: BLE001 - a shape that does not fit is a result
             emit(out, **record, fits=False, error=f"{type(error).__name__}: {str(error)[:300]}", oom=is_oom(error))
@@ -84,6 +86,18 @@ def ours_train(args, causal_lm=None) -> None:
         tokens_per_s = seq * batch * args.steps / seconds
         emit(out, **record, fits=True, compile_s=compile_s, step_ms=1000 * seconds / args.steps,
              tokens_per_s=tokens_per_s, mfu=tokens_per_s * 4 * params / peak_flops(), peak_bytes=jax_peak())
+
+
+def synced(model) -> None:
+    """Wait for the steps' results: a step that failed on the device (out of memory under a cap) raises here, not never.
+
+    Keras's `fit` on JAX returns once the steps are dispatched; a step whose
+    buffers cannot be allocated fails asynchronously, and without this its
+    shape would be timed at the speed of doing nothing.
+    """
+    import jax
+
+    jax.block_until_ready([v.value for v in model.trainable_variables])
 
 
 def ours_profile(args) -> None:
