@@ -138,3 +138,17 @@ def test_exports_of_an_int8_run_apply_to_the_full_precision_base(int8_run, tiny_
     peft_adapter(tiny_preset, adapter, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf_base"))
     _, _, tuned = transformers_logits(tmp_path / "hf_base", tmp_path / "peft", TOKENS)
     np.testing.assert_allclose(tuned, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_quantize_mode_stops_the_config_naming_the_key():
+    import yaml
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    schema = REPO / "workflow" / "schemas" / "config.schema.yaml"
+    bad = {**config, "train": {**config["train"], "quantize": "int3"}}
+    with pytest.raises(study_config.ConfigError, match=r"  train\.quantize: 'int3' is not one of"):
+        study_config.validate_config(bad, schema)
+    config["models"]["gemma3_270m_q4km"]["train"] = {"quantize": "int2"}
+    with pytest.raises(study_config.ConfigError, match=r"models\.gemma3_270m_q4km\.train\.quantize: 'int2' is not one of"):
+        study_config.validate_config(config, schema)
