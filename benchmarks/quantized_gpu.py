@@ -80,7 +80,7 @@ def summarize(args) -> None:
             "seq x batch": f"{r['seq']}x{r['batch']}", "fits": r.get("fits"),
             "tokens/s": round(r["tokens_per_s"]) if r.get("fits") else "",
             "vs bfloat16 base, uncapped": f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}" if r.get("fits") and plain else "",
-            "peak GB": f"{r['peak_bytes'] / 1e9:.1f}" if r.get("peak_bytes") else "",
+            "peak GB": f"{r['peak_bytes'] / 1e9:.1f}" if r.get("fits") and r.get("peak_bytes") else "",
             "compile s": f"{r['compile_s']:.0f}" if r.get("fits") else "",
         })
     write_csv(Path(args.out) / "quantized_gpu.csv", rows)
