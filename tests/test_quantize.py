@@ -152,3 +152,34 @@ def test_an_unknown_quantize_mode_stops_the_config_naming_the_key():
     config["models"]["gemma3_270m_q4km"]["train"] = {"quantize": "int2"}
     with pytest.raises(study_config.ConfigError, match=r"models\.gemma3_270m_q4km\.train\.quantize: 'int2' is not one of"):
         study_config.validate_config(config, schema)
+
+
+def test_grid_quantize_adds_a_model_per_mode_on_the_same_preset():
+    import yaml
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["grid"]["quantize"] = ["none", "int8", "int4"]
+    study_config.validate_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    name = "gemma3_270m_q4km"
+    assert config["grid"]["models"] == [name, f"{name}_int8", f"{name}_int4"]
+    assert study_config.model_settings(config, f"{name}_int4", "train")["quantize"] == "int4"
+    assert study_config.preset_model(config, f"{name}_int8") == study_config.preset_model(config, name) == name
+    # Checked twice (a cluster job re-reads the config), it stays the same.
+    before = yaml.safe_dump(config)
+    study_config.validate_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    assert yaml.safe_dump(config) == before
+    # Without none, the model is trained on the quantized base only; a name already taken is refused.
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["grid"]["quantize"] = ["int8"]
+    study_config.validate_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    assert config["grid"]["models"] == [f"{name}_int8"]
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["grid"]["quantize"] = ["int8"]
+    config["models"][f"{name}_int8"] = {"source": "tiny"}
+    with pytest.raises(study_config.ConfigError, match=r"grid\.quantize: int8 would name a model gemma3_270m_q4km_int8"):
+        study_config.validate_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["models"]["twin"] = {"source": "tiny", "base_model": "missing"}
+    with pytest.raises(study_config.ConfigError, match=r"models\.twin\.base_model: 'missing'"):
+        study_config.validate_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")

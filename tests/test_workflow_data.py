@@ -49,6 +49,15 @@ def test_gemma4_paper_dag_dry_run(tmp_path):
     assert result.stdout.count("rule finetune:") == 4 * 3 and result.stdout.count("rule generate:") == 4
 
 
+def test_grid_quantize_trains_each_model_again_on_its_own_quantized_preset(tmp_path):
+    """grid.quantize [none, int8]: every model's jobs twice, the int8 ones on the same prepared preset (one prepare_model per model)."""
+    configs = [str(REPO / "config" / name) for name in ("paper.yaml",)]
+    result = snakemake(tmp_path, "-n", "--configfile", *configs, "--config", "grid={'quantize': ['none', 'int8']}")
+    assert "model=gemma_2b_en_int8" in result.stdout and "model=gemma_7b_en_int8" in result.stdout
+    assert result.stdout.count("rule finetune:") == 4 * 3 and result.stdout.count("rule generate:") == 4
+    assert result.stdout.count("rule prepare_model:") == 2 and "results/models/gemma_2b_en_int8" not in result.stdout
+
+
 def test_bad_config_stops_the_workflow_naming_the_key(tmp_path):
     config = data_config(tmp_path, make_dolly(tmp_path / "dolly.jsonl", n=10))
     config["data"]["val_sise"] = 3

@@ -60,8 +60,10 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
     if errors:
         lines = [f"  {_key(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n" + "\n".join(lines))
+    expand_quantize(config)
     check_model_overrides(config, schema)
     check_grid(config)
+    check_base_models(config)
     check_grouped_jobs(config)
     check_quantize(config)
     check_export(config)
@@ -235,6 +237,42 @@ def check_quantize(config: MutableMapping[str, Any]) -> None:
 def _train_sections(config: MutableMapping[str, Any], models) -> list[tuple[str, Mapping[str, Any]]]:
     """The train section and each model's overrides of it, with the key each is written under (for error messages)."""
     return [("train", config["train"])] + [(f"models.{m}.train", config["models"][m].get("train", {})) for m in models]
+
+
+def expand_quantize(config: MutableMapping[str, Any]) -> None:
+    """grid.quantize as models: each grid model and mode other than none becomes `<name>_<mode>` on `<name>`'s preset."""
+    modes = config["grid"].get("quantize", ["none"])
+    grid_models = []
+    for name in config["grid"]["models"]:
+        spec = config["models"].get(name, {})
+        if "base_model" in spec:  # expanded already (the config was checked before)
+            grid_models.append(name)
+            continue
+        grid_models += [name] if "none" in modes else []
+        for mode in (m for m in modes if m != "none"):
+            derived = f"{name}_{mode}"
+            if derived in config["models"] and config["models"][derived].get("base_model") != name:
+                raise ConfigError(f"invalid config:\n  grid.quantize: {mode} would name a model {derived}, which models already defines")
+            config["models"][derived] = {**_copy(spec), "train": {**spec.get("train", {}), "quantize": mode}, "base_model": name}
+            grid_models.append(derived)
+    config["grid"]["models"] = list(dict.fromkeys(grid_models))
+
+
+def check_base_models(config: MutableMapping[str, Any]) -> None:
+    """A `base_model` names a model that prepares its own preset."""
+    models = config["models"]
+    problems = [
+        f"  models.{name}.base_model: '{base}' is not a model with a preset of its own"
+        for name, spec in models.items()
+        if (base := spec.get("base_model")) is not None and (base not in models or "base_model" in models[base])
+    ]
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def preset_model(config: MutableMapping[str, Any], model: str) -> str:
+    """The model whose prepared preset `model` trains and answers on: its base_model, or itself."""
+    return config["models"][model].get("base_model", model)
 
 
 def check_grid(config: MutableMapping[str, Any]) -> None:

@@ -10,6 +10,7 @@ from lorastudy.config import (
     job_resources,
     largest_subset,
     model_settings,
+    preset_model,
     prompt_template,
     subset_records,
     validate_config,
@@ -53,6 +54,11 @@ def settings(section):
 def base_quantization(wildcards):
     """The base's quantization as its adapters were trained on it (train.quantize), for answering on the same base."""
     return model_settings(config, wildcards.model, "train").get("quantize", "none")
+
+
+def preset_of_model(wildcards):
+    """The prepared preset a model trains and answers on: its own, or its base_model's (grid.quantize)."""
+    return paths.PRESET.format(model=preset_model(config, wildcards.model))
 
 
 def prompt_template_of_model(wildcards):

@@ -5,7 +5,7 @@ if config["jobs"] == "grouped":
     # generation compiled once, each adapter loaded into the same variables.
     rule generate:
         input:
-            preset=paths.PRESET,
+            preset=preset_of_model,
             test=paths.TEST,
             adapters=group_files(
                 paths.ADAPTER, subsets=GRID["subsets"], epochs=GRID["epochs"]
@@ -48,7 +48,7 @@ else:
 
     rule generate_base:
         input:
-            preset=paths.PRESET,
+            preset=preset_of_model,
             test=paths.TEST,
         output:
             generations=[paths.generations(paths.BASE)],
@@ -78,7 +78,7 @@ else:
     # loaded into the same variables.
     rule generate:
         input:
-            preset=paths.PRESET,
+            preset=preset_of_model,
             test=paths.TEST,
             adapters=expand(paths.ADAPTER, epoch=GRID["epochs"], allow_missing=True),
         output:

@@ -1,6 +1,6 @@
 rule export:
     input:
-        preset=paths.PRESET,
+        preset=preset_of_model,
         adapter=paths.ADAPTER,
     output:
         merged=directory(paths.EXPORT_MERGED),

@@ -6,7 +6,7 @@ if config["jobs"] == "grouped":
     # would write them.
     rule finetune:
         input:
-            preset=paths.PRESET,
+            preset=preset_of_model,
             train=paths.TRAIN,
             val=paths.VAL,
         output:
@@ -48,7 +48,7 @@ if config["jobs"] == "grouped":
                 name:
                     f"finetune_{subset}_part{part}"
                 input:
-                    preset=paths.PRESET,
+                    preset=preset_of_model,
                     train=paths.fill(paths.TRAIN, subset=subset),
                     val=paths.VAL,
                 output:
@@ -90,7 +90,7 @@ else:
 
     rule finetune:
         input:
-            preset=paths.PRESET,
+            preset=preset_of_model,
             train=paths.TRAIN,
             val=paths.VAL,
         output:
