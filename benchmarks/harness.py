@@ -120,6 +120,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def write_summary(out: Path, name: str, rows: list[dict], records: list[dict]) -> None:
+    """A driver's table as OUT/name.csv and the records it came from as OUT/name.json; the table is printed too."""
+    write_csv(out / f"{name}.csv", rows)
+    (out / f"{name}.json").write_text(json.dumps(records, indent=1) + "\n")
+    for row in rows:
+        print(row)
+
+
 class GpuSampler(threading.Thread):
     """nvidia-smi's utilisation.gpu, sampled every `every` seconds."""
 

@@ -18,14 +18,13 @@ For each `train.quantize` mode (none, int8, int4), in one process:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
 from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, a quiet start
-from benchmarks.harness import emit, read_records, software, write_csv
+from benchmarks.harness import emit, read_records, software, write_summary
 from lorastudy.gguf_convert import CHECK_PARAGRAPH
 
 MODES = ("none", "int8", "int4")
@@ -134,11 +133,7 @@ def summarize(args) -> None:
         }
         for r in records if r["phase"] == "quantize"
     ]
-    out = Path(args.out)
-    write_csv(out / "quantized_270m.csv", rows)
-    (out / "quantized_270m.json").write_text(json.dumps(records, indent=1) + "\n")
-    for row in rows:
-        print(row)
+    write_summary(Path(args.out), "quantized_270m", rows, records)
 
 
 def main() -> None:

@@ -17,16 +17,16 @@ layers have no LoRA path, and the study refuses it (train.quantize).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, and a quiet start, before any keras import
 from benchmarks.gemma_shapes import keras_gemma
 from benchmarks.gpu_lora import ours_train
-from benchmarks.harness import emit, gpu_name, read_records, run_worker, software, write_csv
+from benchmarks.harness import emit, gpu_name, read_records, run_worker, software, write_summary
 
 SHAPES = ["256x8", "512x8"]
+MODES = ("none", "int8", "int4")
 CAP_BYTES = 24e9
 
 
@@ -53,18 +53,19 @@ def run(args) -> None:
     emit(out, phase="environment", gpu=gpu_name(), software=software())
     common = ["--out", str(out), "--steps", str(args.steps), "--shapes", *args.shapes]
     for model in args.models:
-        for quantize in ("none", "int8", "int4"):
+        for quantize in MODES:
             run_worker("benchmarks.quantized_gpu", ["worker", "--model", model, "--quantize", quantize, *common], out)
     if not args.capped_model:
         return
     fraction = f"{CAP_BYTES / device_bytes():.4f}"
-    for quantize in ("none", "int8", "int4"):
+    for quantize in MODES:
         run_worker("benchmarks.quantized_gpu", ["worker", "--model", args.capped_model, "--quantize", quantize, "--capped", *common], out,
                    XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
 
 
 def summarize(args) -> None:
-    records = [r for r in read_records([args.results]) if r["phase"] == "train"]
+    raw = read_records([args.results])
+    records = [{**r} for r in raw if r["phase"] == "train"]
     for r in records:
         # Before gpu_lora.synced, steps that failed on the device (allocator out of memory under the
         # cap, in workers.log) were timed as if they ran: more than the GPU's peak FLOP/s cannot be.
@@ -83,10 +84,7 @@ def summarize(args) -> None:
             "peak GB": f"{r['peak_bytes'] / 1e9:.1f}" if r.get("fits") and r.get("peak_bytes") else "",
             "compile s": f"{r['compile_s']:.0f}" if r.get("fits") else "",
         })
-    write_csv(Path(args.out) / "quantized_gpu.csv", rows)
-    (Path(args.out) / "quantized_gpu.json").write_text(json.dumps(read_records([args.results]), indent=1) + "\n")
-    for row in rows:
-        print(row)
+    write_summary(Path(args.out), "quantized_gpu", rows, raw)
 
 
 def main() -> None:
@@ -100,7 +98,7 @@ def main() -> None:
     p.add_argument("--capped-model", default="gemma_7b", help="the model trained on a 24 GB cap ('' for none)")
     w = sub.add_parser("worker")
     w.add_argument("--model", required=True)
-    w.add_argument("--quantize", required=True, choices=["none", "int8", "int4"])
+    w.add_argument("--quantize", required=True, choices=MODES)
     w.add_argument("--capped", action="store_true")
     w.add_argument("--shapes", nargs="+", default=SHAPES)
     w.add_argument("--steps", type=int, default=20)

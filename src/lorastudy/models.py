@@ -199,8 +199,7 @@ def text_only(causal_lm):
     through unchanged.
     """
     backbone = causal_lm.backbone
-    encoders = [e for e in (getattr(backbone, "vision_encoder", None), getattr(backbone, "audio_encoder", None)) if e is not None]
-    if not encoders:
+    if getattr(backbone, "vision_encoder", None) is None and getattr(backbone, "audio_encoder", None) is None:
         return causal_lm
     config = {**backbone.get_config(), "vision_encoder": None, "audio_encoder": None}
     text = type(backbone).from_config(config)
