@@ -45,3 +45,16 @@ def test_what_the_block_wrote_comes_out_when_it_raises(capfd):
 def test_a_probe_for_tensorflow_does_not_undo_the_quiet_import():
     code = "import importlib.util, lorastudy\nassert importlib.util.find_spec('tensorflow')\nimport tensorflow\n"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr == ""
+
+
+def test_keras_imports_without_what_the_study_never_uses_from_it():
+    # lorastudy.imports: skipped while Keras and KerasHub import, importable as usual afterwards.
+    code = (
+        "import sys, lorastudy, keras_hub\n"
+        "print(sorted({'matplotlib', 'sklearn', 'rouge_score', 'nltk'} & set(sys.modules)))\n"
+        "import matplotlib.pyplot\n"
+        "from lorastudy.scoring import rouge_per_example\n"
+        "print(rouge_per_example(['the cat sat'], ['the cat sat'])['rougeL'][0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "1.0"]

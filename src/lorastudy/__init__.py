@@ -11,8 +11,9 @@ import os
 # backend must be chosen before the first `import keras`.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from lorastudy import quiet  # noqa: E402
+from lorastudy import imports, quiet  # noqa: E402
 
 quiet.install()
+imports.install()
 
 __version__ = "0.1.0"
