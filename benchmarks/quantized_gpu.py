@@ -9,7 +9,9 @@ on query and value, AdamW, the finetune stage's batches) on a base left in
 bfloat16 or quantized by Keras to int8 or int4 before LoRA is enabled
 (lorastudy.presets.quantize_base), each in a process of its own. Then 7B on
 a GPU capped at 24 GB (XLA_PYTHON_CLIENT_MEM_FRACTION, with JAX's usual
-preallocation: the process can use no more), as on a 24 GB card. Peaks are
+preallocation: the process can use no more), as on a 24 GB card, without
+and with gradient checkpointing (train.gradient_checkpointing: each decoder
+block rematerialized, as `--remat`). Peaks are
 the device's own `peak_bytes_in_use`. float8 is not measured: Keras's float8
 layers have no LoRA path, and the study refuses it (train.quantize).
 """
@@ -21,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, and a quiet start, before any keras import
-from benchmarks.gemma_shapes import keras_gemma
+from benchmarks.gemma_shapes import KERAS_GEMMA, keras_gemma
 from benchmarks.gpu_lora import ours_train
 from benchmarks.harness import emit, gpu_name, read_records, run_worker, software, write_summary
 
@@ -31,13 +33,20 @@ CAP_BYTES = 24e9
 
 
 def worker(args) -> None:
+    import contextlib
+
+    import keras
+
     from lorastudy.lora import LoraSpec, enable_lora
     from lorastudy.presets import dtype_policies
 
     dtype, lora_policy = dtype_policies("auto")
-    causal_lm = keras_gemma(args.model, dtype)
+    # train.gradient_checkpointing's scope (lorastudy.presets.load_causal_lm): every decoder block rematerialized.
+    blocks = [f"decoder_block_{i}" for i in range(KERAS_GEMMA[args.model]["num_layers"])]
+    with keras.RematScope(mode="list_of_layers", layer_names=blocks) if args.remat else contextlib.nullcontext():
+        causal_lm = keras_gemma(args.model, dtype)
     enable_lora(causal_lm.backbone, LoraSpec(4), lora_policy, quantize=args.quantize)
-    label = f"{args.model} {args.quantize}" + (" cap24" if args.capped else "")
+    label = f"{args.model} {args.quantize}" + (" cap24" if args.capped else "") + (" remat" if args.remat else "")
     ours_train(argparse.Namespace(out=args.out, model=label, rank=4, precision="auto", attention="cudnn",
                                   shapes=args.shapes, steps=args.steps), causal_lm=causal_lm)
 
@@ -58,9 +67,10 @@ def run(args) -> None:
     if not args.capped_model:
         return
     fraction = f"{CAP_BYTES / device_bytes():.4f}"
-    for quantize in MODES:
-        run_worker("benchmarks.quantized_gpu", ["worker", "--model", args.capped_model, "--quantize", quantize, "--capped", *common], out,
-                   XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
+    for remat in ([], ["--remat"]):
+        for quantize in MODES:
+            run_worker("benchmarks.quantized_gpu", ["worker", "--model", args.capped_model, "--quantize", quantize, "--capped", *remat,
+                                                    *common], out, XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
 
 
 def summarize(args) -> None:
@@ -73,11 +83,12 @@ def summarize(args) -> None:
             r["fits"], r["error"] = False, f"steps failed (MFU {r['mfu']:.0f} is impossible): out of memory"
     rows = []
     for r in records:
-        model, quantize, *cap = r["model"].split()
+        model, quantize, *options = r["model"].split()
         plain = next((p for p in records if p["model"] == f"{model} none" and (p["seq"], p["batch"]) == (r["seq"], r["batch"])
                       and p.get("fits")), None)
         rows.append({
-            "model": model, "quantize": quantize, "GPU memory": "24 GB cap" if cap else "whole H200",
+            "model": model, "quantize": quantize, "GPU memory": "24 GB cap" if "cap24" in options else "whole H200",
+            "gradient checkpointing": "remat" in options,
             "seq x batch": f"{r['seq']}x{r['batch']}", "fits": r.get("fits"),
             "tokens/s": round(r["tokens_per_s"]) if r.get("fits") else "",
             "vs bfloat16 base, uncapped": f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}" if r.get("fits") and plain else "",
@@ -100,6 +111,7 @@ def main() -> None:
     w.add_argument("--model", required=True)
     w.add_argument("--quantize", required=True, choices=MODES)
     w.add_argument("--capped", action="store_true")
+    w.add_argument("--remat", action="store_true", help="gradient checkpointing: each decoder block rematerialized")
     w.add_argument("--shapes", nargs="+", default=SHAPES)
     w.add_argument("--steps", type=int, default=20)
     w.add_argument("--out", required=True)

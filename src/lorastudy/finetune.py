@@ -267,7 +267,7 @@ def _finetune(files: RunFiles, rank: int, template: str, s: TrainSettings, compi
     dtype, lora_policy = dtype_policies(s.precision, training=True)
     keras.utils.set_random_seed(s.seed)
 
-    causal_lm = load_causal_lm(preset, dtype=dtype)
+    causal_lm = load_causal_lm(preset, dtype=dtype, remat=s.gradient_checkpointing)
     backbone = causal_lm.backbone
     spec = LoraSpec(rank, s.lora_targets, s.lora_alpha)
     layers = enable_lora(backbone, spec, lora_policy, s.quantize)

@@ -7,12 +7,12 @@ converter) takes what it needs from here, and this module imports none of them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from lorastudy.quiet import filtered_stderr
@@ -44,13 +44,16 @@ def dtype_policies(precision: str = "auto", training: bool = True) -> tuple[str,
     return precision, None
 
 
+def _config(preset: str | os.PathLike) -> dict:
+    """A prepared preset's backbone configuration (config.json's `config`); empty if it has none."""
+    config_path = Path(preset) / "config.json"
+    return json.loads(config_path.read_text())["config"] if config_path.is_file() else {}
+
+
 def attention_heads(preset: str | os.PathLike) -> tuple[int, int] | None:
     """A prepared preset's (query heads, key/value heads), from its config.json; None if it has none."""
-    config_path = Path(preset) / "config.json"
-    if not config_path.is_file():
-        return None
-    config = json.loads(config_path.read_text())["config"]
-    return config["num_query_heads"], config["num_key_value_heads"]
+    config = _config(preset)
+    return (config["num_query_heads"], config["num_key_value_heads"]) if config else None
 
 
 def tensorflow_available() -> bool:
@@ -100,12 +103,21 @@ def quantize_base(backbone, mode: str) -> None:
             backbone.quantize(mode, filters=lambda layer: layer is not backbone.token_embedding)
 
 
-def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None):
-    """Load a prepared preset (or any KerasHub preset) as a CausalLM task."""
+def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None, remat: bool = False):
+    """Load a prepared preset (or any KerasHub preset) as a CausalLM task; `remat`: its decoder blocks rematerialized.
+
+    Keras fixes a layer's rematerialization when the layer is made, so the
+    blocks are made under `keras.RematScope`, by name: KerasHub names every
+    Gemma's blocks `decoder_block_<i>`. Each block's activations are then
+    recomputed in the backward pass (`train.gradient_checkpointing`).
+    """
+    import keras
     import keras_hub
 
     task = causal_lm_class(preset)
-    with filtered_stderr(), weights_from_the_preset():
+    blocks = [f"decoder_block_{i}" for i in range(_config(preset).get("num_layers", 0))] if remat else None
+    scope = keras.RematScope(mode="list_of_layers", layer_names=blocks) if remat else contextlib.nullcontext()
+    with filtered_stderr(), weights_from_the_preset(), scope:
         if tensorflow_available():
             return task.from_preset(str(preset), dtype=dtype)
         # Without TensorFlow, the generic text preprocessor (see causal_lm_preprocessor).
@@ -128,7 +140,7 @@ def causal_lm_class(preset: str | os.PathLike):
     return keras_hub.models.Gemma4CausalLM if "gemma4" in backbone.lower() else keras_hub.models.CausalLM
 
 
-@contextmanager
+@contextlib.contextmanager
 def weights_from_the_preset() -> Iterator[None]:
     """Variables made here start as zeros instead of random draws: the preset's weights overwrite every one.
 

@@ -82,7 +82,7 @@ class Group:
         from lorastudy.loss import response_loss_model
 
         dtype, lora_policy = dtype_policies(s.precision, training=True)
-        causal_lm = load_causal_lm(preset, dtype=dtype)
+        causal_lm = load_causal_lm(preset, dtype=dtype, remat=s.gradient_checkpointing)
         rank = max(run.rank for run in runs)
         layers = enable_lora(causal_lm.backbone, LoraSpec(rank, s.lora_targets), lora_policy, s.quantize)
         without_fused_attention(causal_lm.backbone)

@@ -53,6 +53,7 @@ class TrainSettings:
     model_parallel: int = 1
     stack_size: int | str = "auto"
     quantize: str = "none"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
