@@ -26,6 +26,7 @@ def emit(out: Path, **record) -> None:
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     line = json.dumps(record)
     print("RESULT", line, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.jsonl", "a") as f:
         f.write(line + "\n")
 
