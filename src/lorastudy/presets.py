@@ -44,10 +44,16 @@ def dtype_policies(precision: str = "auto", training: bool = True) -> tuple[str,
     return precision, None
 
 
+def _saved_backbone(preset: str | os.PathLike) -> dict | None:
+    """A preset directory's config.json (the backbone's class and configuration); None if it has none."""
+    config_path = Path(preset) / "config.json"
+    return json.loads(config_path.read_text()) if config_path.is_file() else None
+
+
 def _config(preset: str | os.PathLike) -> dict:
     """A prepared preset's backbone configuration (config.json's `config`); empty if it has none."""
-    config_path = Path(preset) / "config.json"
-    return json.loads(config_path.read_text())["config"] if config_path.is_file() else {}
+    saved = _saved_backbone(preset)
+    return saved["config"] if saved is not None else {}
 
 
 def attention_heads(preset: str | os.PathLike) -> tuple[int, int] | None:
@@ -135,8 +141,8 @@ def causal_lm_class(preset: str | os.PathLike):
     """
     import keras_hub
 
-    config = Path(preset) / "config.json"
-    backbone = json.loads(config.read_text()).get("registered_name", "") if config.is_file() else str(preset)
+    saved = _saved_backbone(preset)
+    backbone = saved.get("registered_name", "") if saved is not None else str(preset)
     return keras_hub.models.Gemma4CausalLM if "gemma4" in backbone.lower() else keras_hub.models.CausalLM
 
 

@@ -25,7 +25,7 @@ DEFAULT_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"
 # The tokens that open and close a chat turn: Gemma 1 to 3 and 3n share one pair; Gemma 4 has its own.
 CHAT_TURNS = {"gemma": ("<start_of_turn>", "<end_of_turn>"), "gemma4": ("<|turn>", "<turn|>")}
 _CHAT = "{start}user\n{{instruction}}{end}\n{start}model\n{{response}}{end}"
-CHAT_TEMPLATE = _CHAT.format(start="<start_of_turn>", end="<end_of_turn>")
+CHAT_TEMPLATE = _CHAT.format(start=CHAT_TURNS["gemma"][0], end=CHAT_TURNS["gemma"][1])
 TEMPLATES = {"plain": DEFAULT_TEMPLATE, "chat": CHAT_TEMPLATE}
 
 
