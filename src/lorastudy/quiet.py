@@ -21,13 +21,13 @@ through, so real warnings stay.
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.util
 import logging
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
+
+from lorastudy import imports
 
 NOISE = (
     b"All log messages before absl::InitializeLog() is called",
@@ -64,35 +64,12 @@ def filtered_stderr(noise: tuple[bytes, ...] = NOISE) -> Iterator[None]:
                 os.write(2, kept)
 
 
-class _QuietLoader(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        with filtered_stderr():
-            self.loader.exec_module(module)
-            module.config.set_visible_devices([], "GPU")
-
-
-class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
-    # Stays installed: a probe (importlib.util.find_spec, as transformers makes)
-    # finds TensorFlow's spec without importing it.
-    searching = False
-
-    def find_spec(self, name, path, target=None):
-        if name != "tensorflow" or self.searching:
-            return None
-        self.searching = True
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            self.searching = False
-        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _QuietLoader):
-            spec.loader = _QuietLoader(spec.loader)
-        return spec
+@contextlib.contextmanager
+def _quiet_tensorflow(module) -> Iterator[None]:
+    """TensorFlow's import with its start-up notices filtered, and the GPUs hidden from it once imported."""
+    with filtered_stderr():
+        yield
+        module.config.set_visible_devices([], "GPU")
 
 
 def install() -> None:
@@ -101,5 +78,4 @@ def install() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietTensorFlowFinder())
+    imports.install_around(("tensorflow",), _quiet_tensorflow)
