@@ -98,9 +98,16 @@ def run_worker(module: str, arguments: list[str], out: Path, timeout: float | No
 
 
 def read_records(paths: list[str]) -> list[dict]:
-    """The records of results.jsonl files, each with its file's stem as `run` and its environment record."""
+    """The records of results.jsonl files, each with its file's stem as `run` and its environment record.
+
+    A `.json` path is a summary's own records (`write_summary`), taken as they
+    are: new runs are added to a committed table by naming it first.
+    """
     records = []
     for path in paths:
+        if str(path).endswith(".json"):
+            records.extend(json.loads(Path(path).read_text()))
+            continue
         run_env = None
         for line in open(path):
             record = json.loads(line)

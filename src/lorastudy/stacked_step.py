@@ -34,6 +34,16 @@ def stacked_steps(model, optimizer):
     [loss, correct, tokens] per adapter, for one batch shared by all.
     """
     import jax
+
+    train_one, validate_one = run_steps(model, optimizer)
+    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
+    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)))
+    return train, validate
+
+
+def run_steps(model, optimizer):
+    """One adapter's training and validation steps (unjitted, unmapped), as `stacked_steps` maps them."""
+    import jax
     import jax.numpy as jnp
 
     def statistics(trainable, frozen, batch, training):
@@ -56,9 +66,7 @@ def stacked_steps(model, optimizer):
     def validate_one(trainable, frozen, batch):
         return jnp.stack(statistics(trainable, frozen, batch, False))
 
-    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
-    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)))
-    return train, validate
+    return train_one, validate_one
 
 
 def fits_device(compiled, device) -> tuple[bool, int | None, int | None]:
