@@ -1,7 +1,7 @@
 """LoRA on a quantized base (train.quantize) on one GPU: tokens/s and peak memory of training steps.
 
     python -m benchmarks.quantized_gpu run --out DIR
-    python -m benchmarks.quantized_gpu summarize --results DIR/results.jsonl --out benchmarks/results
+    python -m benchmarks.quantized_gpu summarize --results [benchmarks/results/quantized_gpu.json] DIR/results.jsonl --out benchmarks/results
 
 For Gemma 2B's and 7B's shapes (random weights, KerasHub's configurations),
 the study's own training step (benchmarks.gpu_lora.ours_train: LoRA rank 4
@@ -74,7 +74,7 @@ def run(args) -> None:
 
 
 def summarize(args) -> None:
-    raw = read_records([args.results])
+    raw = read_records(args.results)
     records = [{**r} for r in raw if r["phase"] == "train"]
     for r in records:
         # Before gpu_lora.synced, steps that failed on the device (allocator out of memory under the
@@ -84,8 +84,10 @@ def summarize(args) -> None:
     rows = []
     for r in records:
         model, quantize, *options = r["model"].split()
-        plain = next((p for p in records if p["model"] == f"{model} none" and (p["seq"], p["batch"]) == (r["seq"], r["batch"])
-                      and p.get("fits")), None)
+        # The bfloat16 base at the same shape, from the same run where it has one.
+        plains = [p for p in records if p["model"] == f"{model} none" and (p["seq"], p["batch"]) == (r["seq"], r["batch"])
+                  and p.get("fits")]
+        plain = next((p for p in plains if p["run"] == r["run"]), plains[0] if plains else None)
         rows.append({
             "model": model, "quantize": quantize, "GPU memory": "24 GB cap" if "cap24" in options else "whole H200",
             "gradient checkpointing": "remat" in options,
@@ -116,7 +118,7 @@ def main() -> None:
     w.add_argument("--steps", type=int, default=20)
     w.add_argument("--out", required=True)
     p = sub.add_parser("summarize")
-    p.add_argument("--results", required=True)
+    p.add_argument("--results", nargs="+", required=True, help="results.jsonl files, after a summary's .json to add to it")
     p.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
