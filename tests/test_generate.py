@@ -41,11 +41,13 @@ def test_greedy_generation_is_deterministic(base_run, tiny_preset, tiny_data, tm
     assert (tmp_path / "again.jsonl").read_bytes() == (out / "g.jsonl").read_bytes()
 
 
-def test_batching_does_not_change_greedy_answers(base_run, tiny_preset, tiny_data, tmp_path):
+@pytest.mark.parametrize("change", [{"batch_size": 1}, {"pad_multiple": 1}, {"pad_multiple": 64}], ids=str)
+def test_batching_does_not_change_greedy_answers(base_run, tiny_preset, tiny_data, tmp_path, change):
+    """Neither the batch nor its width (generate.pad_multiple: decode steps past a row's own budget) changes an answer."""
     out, _ = base_run
-    generate(tiny_preset, tiny_data["test"], [tmp_path / "b1.jsonl"], [tmp_path / "b1.json"], DEFAULT_TEMPLATE, settings={**SETTINGS, "batch_size": 1})
-    one = [r["prediction"] for r in read_jsonl(tmp_path / "b1.jsonl")]
-    assert one == [r["prediction"] for r in read_jsonl(out / "g.jsonl")]
+    generate(tiny_preset, tiny_data["test"], [tmp_path / "b.jsonl"], [tmp_path / "b.json"], DEFAULT_TEMPLATE, settings={**SETTINGS, **change})
+    answers = [r["prediction"] for r in read_jsonl(tmp_path / "b.jsonl")]
+    assert answers == [r["prediction"] for r in read_jsonl(out / "g.jsonl")]
 
 
 def test_top_k_is_seeded(tiny_preset, tiny_data, tmp_path):

@@ -49,7 +49,7 @@ class GenerateSettings:
     seeds: tuple[int, ...] | None = None
     max_prompt_tokens: int | None = None
     precision: str = "auto"
-    pad_multiple: int = 64
+    pad_multiple: int = 8
     devices: int | str = "all"
     model_parallel: int = 1
 

@@ -1,0 +1,99 @@
+"""An evaluation's decode time against `generate.pad_multiple`, on the main job's own model and prompts (CPU).
+
+    python -m benchmarks.generate_width run --preset results/models/gemma3_270m_q4km/preset \\
+        --test results/data/test.jsonl --out DIR
+    python -m benchmarks.generate_width summarize --results DIR/results.jsonl
+
+KerasHub's generation loop runs from a batch's shortest prompt to the end of
+its width (the longest prompt and the new tokens, rounded up to
+`pad_multiple`), so the rounding is paid in decode steps by every row of the
+batch. Each measurement answers the test prompts once with the base model
+(`lorastudy.generate.generate`, the evaluation job's own function, at the
+main job's batch size and new tokens), in a process of its own, the
+multiples taken in turn and repeated; it records the decode steps the
+batches take, the compile and steady seconds, and whether the answers equal
+those at the first multiple.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import tempfile
+from pathlib import Path
+
+from benchmarks.harness import emit, read_records, run_worker, software, write_summary
+
+
+def worker(args) -> None:
+    from lorastudy.generate import generate, prompt_token_ids
+    from lorastudy.io import read_jsonl
+    from lorastudy.presets import load_causal_lm
+    from lorastudy.prompts import PromptTemplate, template_for
+    from lorastudy.tokens import round_up
+
+    out = Path(args.out)
+    template = template_for(args.prompt_format)
+    answers = out / f"answers_{args.pad_multiple}_{args.repeat}.jsonl"
+    settings = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, pad_multiple=args.pad_multiple)
+    with tempfile.TemporaryDirectory() as tmp:
+        [stats] = generate(args.preset, args.test, [answers], [Path(tmp) / "generate.json"], template, settings=settings)
+    tokenizer = load_causal_lm(args.preset).preprocessor.tokenizer
+    prompt = PromptTemplate(template)
+    lengths = sorted(len(ids) for ids in prompt_token_ids(tokenizer, [prompt.prompt(r["instruction"]) for r in read_jsonl(args.test)]))
+    batches = [lengths[i : i + args.batch_size] for i in range(0, len(lengths), args.batch_size)]
+    widths = [round_up(b[-1] + args.max_new_tokens, args.pad_multiple) for b in batches]
+    first = out / f"answers_{args.multiples[0]}_0.jsonl"
+    emit(out, phase="generate_width", pad_multiple=args.pad_multiple, repeat=args.repeat, prompts=len(lengths),
+         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, widths=sorted(set(widths)),
+         decode_steps=sum(w - b[0] for w, b in zip(widths, batches)), seconds=stats["seconds"],
+         compile_seconds=stats["compile_seconds"], steady_seconds=stats["steady_seconds"],
+         answers_equal_first=filecmp.cmp(answers, first, shallow=False) if first.exists() else None)
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit(out, phase="environment", software=software())
+    common = ["--preset", args.preset, "--test", args.test, "--out", str(out), "--batch-size", str(args.batch_size),
+              "--max-new-tokens", str(args.max_new_tokens), "--prompt-format", args.prompt_format,
+              "--multiples", *map(str, args.multiples)]
+    for repeat in range(args.repeats):
+        for multiple in args.multiples:
+            run_worker("benchmarks.generate_width", ["worker", "--pad-multiple", str(multiple), "--repeat", str(repeat), *common], out)
+
+
+def summarize(args) -> None:
+    raw = [r for r in read_records(args.results) if r["phase"] == "generate_width"]
+    rows = [{
+        "pad_multiple": r["pad_multiple"], "repeat": r["repeat"], "widths": " ".join(map(str, r["widths"])),
+        "decode steps": r["decode_steps"], "compile s": f"{r['compile_seconds']:.1f}",
+        "steady s": f"{r['steady_seconds']:.1f}", "answers equal": r["answers_equal_first"],
+    } for r in raw]
+    write_summary(Path(args.out), "generate_width", rows, raw)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "worker"):
+        p = sub.add_parser(name)
+        p.add_argument("--preset", required=True)
+        p.add_argument("--test", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--batch-size", type=int, default=25)
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--prompt-format", default="plain")
+        p.add_argument("--multiples", type=int, nargs="+", default=[64, 16, 8])
+    sub.choices["run"].add_argument("--repeats", type=int, default=2)
+    sub.choices["worker"].add_argument("--pad-multiple", type=int, required=True)
+    sub.choices["worker"].add_argument("--repeat", type=int, required=True)
+    p = sub.add_parser("summarize")
+    p.add_argument("--results", nargs="+", required=True, help="results.jsonl files, after a summary's .json to add to it")
+    p.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
