@@ -22,7 +22,7 @@ import filecmp
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import emit, read_records, run_worker, software, write_summary
+from benchmarks.harness import add_summarize, emit, read_records, run_worker, software, write_summary
 
 
 def worker(args) -> None:
@@ -88,9 +88,7 @@ def main() -> None:
     sub.choices["run"].add_argument("--repeats", type=int, default=2)
     sub.choices["worker"].add_argument("--pad-multiple", type=int, required=True)
     sub.choices["worker"].add_argument("--repeat", type=int, required=True)
-    p = sub.add_parser("summarize")
-    p.add_argument("--results", nargs="+", required=True, help="results.jsonl files, after a summary's .json to add to it")
-    p.add_argument("--out", default="benchmarks/results")
+    add_summarize(sub)
     args = parser.parse_args()
     {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
 

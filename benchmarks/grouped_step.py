@@ -29,7 +29,7 @@ from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, and a quiet start, before any keras import
 from benchmarks.gemma_shapes import lora_gemma, random_examples
-from benchmarks.harness import emit, gpu_name, jax_peak, read_records, write_summary
+from benchmarks.harness import add_summarize, emit, gpu_name, jax_peak, read_records, write_summary
 
 
 def _timed(step, args, steps: int, warm: int = 3) -> float:
@@ -148,9 +148,7 @@ def main() -> None:
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 4])
     p.add_argument("--packing", action="store_true", help="packed rows, attention within each record (train.packing)")
     p.add_argument("--out", required=True)
-    p = sub.add_parser("summarize")
-    p.add_argument("--results", nargs="+", required=True, help="results.jsonl files, after a summary's .json to add to it")
-    p.add_argument("--out", default="benchmarks/results")
+    add_summarize(sub)
     args = parser.parse_args()
     {"run": measure, "summarize": summarize}[args.command](args)
 

@@ -119,6 +119,14 @@ def read_records(paths: list[str]) -> list[dict]:
 
 
 
+def add_summarize(subparsers) -> None:
+    """A driver's `summarize` command: its results files (a committed summary's .json first, to add runs to it) and where its tables go."""
+    p = subparsers.add_parser("summarize")
+    p.add_argument("--results", nargs="+", required=True, help="results.jsonl files, after a summary's .json to add to it")
+    p.add_argument("--out", default="benchmarks/results")
+
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rows as CSV, with every key any row has for the columns."""
     fields = list(dict.fromkeys(k for row in rows for k in row))
@@ -130,6 +138,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def write_summary(out: Path, name: str, rows: list[dict], records: list[dict]) -> None:
     """A driver's table as OUT/name.csv and the records it came from as OUT/name.json; the table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / f"{name}.csv", rows)
     (out / f"{name}.json").write_text(json.dumps(records, indent=1) + "\n")
     for row in rows:

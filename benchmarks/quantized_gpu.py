@@ -25,7 +25,7 @@ from pathlib import Path
 import lorastudy  # noqa: F401 - JAX as Keras's backend, and a quiet start, before any keras import
 from benchmarks.gemma_shapes import KERAS_GEMMA, keras_gemma
 from benchmarks.gpu_lora import ours_train
-from benchmarks.harness import emit, gpu_name, read_records, run_worker, software, write_summary
+from benchmarks.harness import add_summarize, emit, gpu_name, read_records, run_worker, software, write_summary
 
 SHAPES = ["256x8", "512x8"]
 MODES = ("none", "int8", "int4")
@@ -117,9 +117,7 @@ def main() -> None:
     w.add_argument("--shapes", nargs="+", default=SHAPES)
     w.add_argument("--steps", type=int, default=20)
     w.add_argument("--out", required=True)
-    p = sub.add_parser("summarize")
-    p.add_argument("--results", nargs="+", required=True, help="results.jsonl files, after a summary's .json to add to it")
-    p.add_argument("--out", default="benchmarks/results")
+    add_summarize(sub)
     args = parser.parse_args()
     {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
 
