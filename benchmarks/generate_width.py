@@ -26,11 +26,12 @@ from benchmarks.harness import add_summarize, emit, read_records, run_worker, so
 
 
 def worker(args) -> None:
+    import keras_hub
+
+    from lorastudy.answer_batch import answer_batches
     from lorastudy.generate import generate, prompt_token_ids
     from lorastudy.io import read_jsonl
-    from lorastudy.presets import load_causal_lm
     from lorastudy.prompts import PromptTemplate, template_for
-    from lorastudy.tokens import round_up
 
     out = Path(args.out)
     template = template_for(args.prompt_format)
@@ -38,15 +39,15 @@ def worker(args) -> None:
     settings = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, pad_multiple=args.pad_multiple)
     with tempfile.TemporaryDirectory() as tmp:
         [stats] = generate(args.preset, args.test, [answers], [Path(tmp) / "generate.json"], template, settings=settings)
-    tokenizer = load_causal_lm(args.preset).preprocessor.tokenizer
+    # The batches the evaluation answered, as it forms them: the loop decodes from each one's shortest prompt to its width.
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(args.preset)
     prompt = PromptTemplate(template)
-    lengths = sorted(len(ids) for ids in prompt_token_ids(tokenizer, [prompt.prompt(r["instruction"]) for r in read_jsonl(args.test)]))
-    batches = [lengths[i : i + args.batch_size] for i in range(0, len(lengths), args.batch_size)]
-    widths = [round_up(b[-1] + args.max_new_tokens, args.pad_multiple) for b in batches]
+    prompt_ids = prompt_token_ids(tokenizer, [prompt.prompt(r["instruction"]) for r in read_jsonl(args.test)])
+    batches = answer_batches(prompt_ids, args.batch_size, args.max_new_tokens, args.pad_multiple)
     first = out / f"answers_{args.multiples[0]}_0.jsonl"
-    emit(out, phase="generate_width", pad_multiple=args.pad_multiple, repeat=args.repeat, prompts=len(lengths),
-         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, widths=sorted(set(widths)),
-         decode_steps=sum(w - b[0] for w, b in zip(widths, batches)), seconds=stats["seconds"],
+    emit(out, phase="generate_width", pad_multiple=args.pad_multiple, repeat=args.repeat, prompts=len(prompt_ids),
+         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, widths=sorted({width for _, width in batches}),
+         decode_steps=sum(width - min(len(prompt_ids[i]) for i in batch) for batch, width in batches), seconds=stats["seconds"],
          compile_seconds=stats["compile_seconds"], steady_seconds=stats["steady_seconds"],
          answers_equal_first=filecmp.cmp(answers, first, shallow=False) if first.exists() else None)
 

@@ -95,21 +95,24 @@ def measure(args) -> None:
     optimizer = make_optimizer(settings, 10_000)
     optimizer.build(model.trainable_variables)
     frozen = [v.value for v in model.non_trainable_variables]
-    fresh = lambda k: ([jnp.broadcast_to(v.value, (k, *v.shape)) + 0 for v in model.trainable_variables],  # noqa: E731
-                       [jnp.broadcast_to(v.value, (k, *v.shape)) + 0 for v in optimizer.variables], jnp.ones((k,), bool))
-    unstacked = lambda k: tuple([x[0] for x in a] if isinstance(a, list) else a[0] for a in fresh(1))  # noqa: E731
+
+    def fresh(k: int | None):
+        """New copies (the steps donate them) of the factors, optimizer state and `alive`: k stacked, or one unstacked (None)."""
+        copy = (lambda v: v.value + 0) if k is None else (lambda v: jnp.broadcast_to(v.value, (k, *v.shape)) + 0)  # noqa: E731
+        alive = jnp.bool_(True) if k is None else jnp.ones((k,), bool)
+        return [copy(v) for v in model.trainable_variables], [copy(v) for v in optimizer.variables], alive
 
     for variant in ("run_fused", "run_xla"):
         if variant == "run_xla":
             without_fused_attention(causal_lm.backbone)
         train_one, _ = run_steps(model, optimizer)
         program = jax.jit(train_one, donate_argnums=(0, 1))
-        record(variant, _timed(_feeder(program, frozen, batches, host=False), unstacked(1), args.steps))
+        record(variant, _timed(_feeder(program, frozen, batches, host=False), fresh(None), args.steps))
 
     train, _ = stacked_steps(model, optimizer)
     for k in args.adapters:
-        record(f"stacked_{k}", _timed(_feeder(train, frozen, [_stack(b, k) for b in batches], host=False), fresh(k), args.steps), k)
         host = [_stack(b, k) for b in batches]
+        record(f"stacked_{k}", _timed(_feeder(train, frozen, host, host=False), fresh(k), args.steps), k)
         compiled = train.lower(*fresh(k), frozen, jax.tree.map(np.asarray, host[0])).compile()
         record(f"wave_{k}", _timed(_feeder(compiled, frozen, host, host=True), fresh(k), args.steps), k)
 

@@ -24,9 +24,25 @@ def resolve_batch_size(batch_size: int | str, backbone, prompt_ids: Sequence[lis
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return min(CPU_BATCH_SIZE, len(prompt_ids))
-    width = round_up(max(len(row) for row in prompt_ids) + max_new_tokens, pad_multiple)
+    width = answer_width(max(len(row) for row in prompt_ids), max_new_tokens, pad_multiple)
     free = stats["bytes_limit"] - stats["bytes_in_use"]
     return auto_batch_size(len(prompt_ids), row_bytes(backbone, width), free)
+
+
+def answer_width(longest_prompt: int, max_new_tokens: int, pad_multiple: int) -> int:
+    """A batch's width: its longest prompt and the new tokens, rounded up to `pad_multiple`.
+
+    KerasHub's generation loop decodes from the batch's shortest prompt to
+    the end of this width, so the rounding costs a decode step for every row.
+    """
+    return round_up(longest_prompt + max_new_tokens, pad_multiple)
+
+
+def answer_batches(prompt_ids: Sequence[list[int]], batch_size: int, max_new_tokens: int, pad_multiple: int) -> list[tuple[list[int], int]]:
+    """The batches an evaluation answers, longest prompts first: each batch's prompt indices and its width."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return [(batch, answer_width(max(len(prompt_ids[i]) for i in batch), max_new_tokens, pad_multiple)) for batch in batches]
 
 
 def row_bytes(backbone, width: int) -> int:

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from lorastudy.answer_batch import resolve_batch_size
+from lorastudy.answer_batch import answer_batches, resolve_batch_size
 from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.distribution import distributed, shard_batch
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_padded_adapter, lora_layers, read_spec, set_factors
 from lorastudy.presets import attention_heads, dtype_policies, load_causal_lm, quantize_base
 from lorastudy.prompts import PromptTemplate
-from lorastudy.tokens import round_up, token_lists
+from lorastudy.tokens import token_lists
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +139,11 @@ class Generator:
             variable.assign(value)
         if seed is not None and self.seed_state is not None:
             self.seed_state.assign(np.array([seed, 0], self.seed_state.dtype))
-        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         results: list[dict[str, Any]] = [{}] * len(prompt_ids)
-        for start in range(0, len(order), s.batch_size):
-            batch = order[start : start + s.batch_size]
+        for batch, width in answer_batches(prompt_ids, s.batch_size, s.max_new_tokens, s.pad_multiple):
             rows = [prompt_ids[i] for i in batch]
             # Fill the last batch with copies, so that every batch has one shape.
             rows += [rows[0]] * (s.batch_size - len(rows))
-            width = round_up(max(len(r) for r in rows) + s.max_new_tokens, s.pad_multiple)
             for i, out in zip(batch, self._generate(rows, width)):
                 results[i] = out
         return results
