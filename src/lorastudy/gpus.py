@@ -28,6 +28,8 @@ from lorastudy.internals import jax_started
 log = logging.getLogger(__name__)
 
 SLOTS_DIR_ENV = "LORASTUDY_GPU_SLOTS_DIR"
+# The slot locks' descriptors of the claims now held, innermost last (lorastudy.worker hands them on).
+_HELD: list[list[int]] = []
 
 
 class GpuError(RuntimeError):
@@ -125,15 +127,22 @@ def claimed_gpus(count: int, poll_seconds: float = 2.0, timeout_seconds: float |
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(claimed)
     log.info("claimed GPU %s after %.1f s", ",".join(claimed), time.monotonic() - started)
+    _HELD.append(fds)
     try:
         yield claimed
     finally:
+        _HELD.remove(fds)
         for fd in fds:
             os.close(fd)
         if previous is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
+def held_slot_fds() -> list[int]:
+    """The slot locks' file descriptors of the innermost claim: a child process given them holds the GPUs too."""
+    return list(_HELD[-1]) if _HELD else []
 
 
 def _refuse_if_devices_in_use() -> None:

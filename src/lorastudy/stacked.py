@@ -53,7 +53,7 @@ def finetune_group(
     preset: str | os.PathLike,
     train_path: str | os.PathLike,
     val_path: str | os.PathLike,
-    runs: Sequence[GroupRun],
+    runs: Sequence[GroupRun | dict[str, Any]],
     template: str,
     checkpoint_dir: str | os.PathLike,
     settings: dict[str, Any] | TrainSettings | None = None,
@@ -62,9 +62,11 @@ def finetune_group(
     """Train every run's adapter side by side on one load of `preset`; write each run's files.
 
     `settings` is the `train` section (its `seed` is ignored: each run has
-    its own). Returns each run's statistics, as written to its train.json.
+    its own); `runs` are GroupRuns or their fields (`paths.group_runs`).
+    Returns each run's statistics, as written to its train.json.
     """
     started = time.perf_counter()
+    runs = [run if isinstance(run, GroupRun) else GroupRun(**run) for run in runs]
     s = settings if isinstance(settings, TrainSettings) else TrainSettings(**(settings or {}))
     epochs = {len(run.adapter_paths) for run in runs}
     if len(epochs) != 1:

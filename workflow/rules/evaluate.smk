@@ -41,6 +41,7 @@ if config["jobs"] == "grouped":
             settings=settings("generate"),
             quantize=base_quantization,
             compilation_cache=config["compilation_cache"],
+            resident_worker=config["resident_worker"],
         script:
             "../scripts/generate.py"
 
@@ -70,6 +71,7 @@ else:
             settings=settings("generate"),
             quantize=base_quantization,
             compilation_cache=config["compilation_cache"],
+            resident_worker=config["resident_worker"],
         script:
             "../scripts/generate.py"
 
@@ -108,6 +110,7 @@ else:
             settings=settings("generate"),
             quantize=base_quantization,
             compilation_cache=config["compilation_cache"],
+            resident_worker=config["resident_worker"],
         script:
             "../scripts/generate.py"
 

@@ -36,6 +36,7 @@ if config["jobs"] == "grouped":
                 model=wildcards.model, subset=wildcards.subset
             ),
             compilation_cache=config["compilation_cache"],
+            resident_worker=config["resident_worker"],
         script:
             "../scripts/finetune_group.py"
 
@@ -83,6 +84,7 @@ if config["jobs"] == "grouped":
                         model=wildcards.model, subset=subset, part=part
                     ),
                     compilation_cache=config["compilation_cache"],
+                    resident_worker=config["resident_worker"],
                 script:
                     "../scripts/finetune_group.py"
 
@@ -116,5 +118,6 @@ else:
             settings=lambda wildcards: model_settings(config, wildcards.model, "train")
             | {"seed": int(wildcards.seed)},
             compilation_cache=config["compilation_cache"],
+            resident_worker=config["resident_worker"],
         script:
             "../scripts/finetune.py"

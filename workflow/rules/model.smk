@@ -21,5 +21,6 @@ rule prepare_model:
             config, wildcards.model, "train"
         )["sequence_length"],
         seed=config["data"]["seed"],
+        resident_worker=config["resident_worker"],
     script:
         "../scripts/prepare_model.py"

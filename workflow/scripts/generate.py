@@ -1,15 +1,16 @@
-from lorastudy.generate import generate
-from lorastudy.gpus import claimed_gpus
-from lorastudy.logs import logging_to
+from lorastudy.worker import run_job
 
 params = dict(snakemake.params)
-# The job is pinned to as many of the machine's GPUs as it asked for (lorastudy.gpus).
-with logging_to(snakemake.log[0]), claimed_gpus(snakemake.resources.gpu):
-    generate(
-        snakemake.input.preset,
-        test_path=snakemake.input.test,
-        out_paths=snakemake.output.generations,
-        stats_paths=snakemake.output.stats,
-        adapters=snakemake.input.get("adapters", []),
-        **params,
-    )
+# In this run's resident worker for the job's GPUs, which it claims (lorastudy.worker, lorastudy.gpus).
+run_job(
+    "lorastudy.generate.generate",
+    log=snakemake.log[0],
+    gpus=snakemake.resources.gpu,
+    resident=params.pop("resident_worker"),
+    preset=snakemake.input.preset,
+    test_path=snakemake.input.test,
+    out_paths=list(snakemake.output.generations),
+    stats_paths=list(snakemake.output.stats),
+    adapters=list(snakemake.input.get("adapters", [])),
+    **params,
+)

@@ -1,0 +1,114 @@
+"""Model jobs of one Snakemake run share a resident worker, and each still behaves as its own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from workflow_helpers import REPO
+
+# Each job calls `run_job` as a rule script does; its output file holds the call's value.
+SNAKEFILE = textwrap.dedent(
+    """
+    CALL = (
+        "{python} -c 'import sys, json; from lorastudy.worker import run_job; "
+        "print(run_job(sys.argv[1], log=sys.argv[2], resident=sys.argv[3] == \\"1\\", **json.loads(sys.argv[4])))' "
+        "{{params.target}} {{log}} {{params.resident}} '{{params.kwargs}}' > {{output}}"
+    )
+
+    rule all:
+        input: expand("pid_{{n}}.txt", n=[1, 2, 3]), "alone.txt"
+
+    rule pid:
+        output: "pid_{{n}}.txt"
+        log: "logs/pid_{{n}}.log"
+        params: target="os.getpid", resident="1", kwargs="{{}}"
+        shell: CALL
+
+    rule alone:
+        input: expand("pid_{{n}}.txt", n=[1, 2, 3])
+        output: "alone.txt"
+        log: "logs/alone.log"
+        params: target="os.getpid", resident="0", kwargs="{{}}"
+        shell: CALL
+
+    rule fails:
+        output: "failed.txt"
+        log: "logs/fails.log"
+        params: target="lorastudy.io.read_jsonl", resident="1", kwargs='{{"path": "missing.jsonl"}}'
+        shell: CALL
+
+    rule sleeps:
+        output: "slept.txt"
+        log: "logs/sleeps.log"
+        params: target="subprocess.run", resident="1", kwargs='{{"args": ["sleep", "60"]}}'
+        shell: CALL
+    """
+).format(python=sys.executable)
+
+
+@pytest.fixture
+def workflow(tmp_path: Path) -> tuple[Path, dict]:
+    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORASTUDY_WORKERS_DIR": str(tmp_path / "workers")}
+    return tmp_path, env
+
+
+def snakemake(workdir: Path, env: dict, *targets: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *targets], cwd=workdir, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 or not check, done.stderr
+    return done
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_jobs_of_a_run_share_one_worker_that_ends_with_the_run(workflow):
+    workdir, env = workflow
+    snakemake(workdir, env)
+    pids = {int((workdir / f"pid_{n}.txt").read_text()) for n in (1, 2, 3)}
+    alone = int((workdir / "alone.txt").read_text())
+    assert len(pids) == 1 and alone not in pids and alone != os.getpid()
+    (worker,) = pids
+    assert f"running in worker {worker}" in (workdir / "logs" / "pid_2.log").read_text()
+    assert gone_within(worker, 5), "the worker outlived its Snakemake run"
+    assert not list((workdir / "workers").glob("*.sock"))
+
+
+def test_a_failed_job_fails_with_its_own_error_and_the_worker_stays(workflow):
+    workdir, env = workflow
+    done = snakemake(workdir, env, "--keep-going", "failed.txt", "pid_1.txt", check=False)
+    assert done.returncode != 0 and not (workdir / "failed.txt").exists()
+    log = (workdir / "logs" / "fails.log").read_text()
+    assert "missing.jsonl" in log and "FileNotFoundError" in log
+    assert (workdir / "pid_1.txt").read_text().strip().isdigit()
+
+
+def test_killing_the_job_ends_its_worker(workflow):
+    workdir, env = workflow
+    run = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", "slept.txt"], cwd=workdir, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = workdir / "logs" / "sleeps.log"
+    deadline = time.monotonic() + 60
+    while "running in worker" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
+    worker = int(log.read_text().split("running in worker ")[1].split()[0])
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert gone_within(worker, 5), "the worker went on with a killed job"
