@@ -112,3 +112,57 @@ def test_killing_the_job_ends_its_worker(workflow):
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert gone_within(worker, 5), "the worker went on with a killed job"
+
+
+GPU_SNAKEFILE = textwrap.dedent(
+    """
+    CALL = (
+        "{python} -c 'import sys; from lorastudy.worker import run_job; "
+        "print(run_job(\\"os.getpid\\", log=sys.argv[1], gpus=int(sys.argv[2])))' {{log}} {{resources.gpu}} > {{output}}"
+    )
+
+    rule all:
+        input: "d.txt"
+
+    rule a:
+        output: "a.txt"
+        log: "logs/a.log"
+        resources: gpu=1
+        shell: CALL
+
+    rule b:
+        input: "a.txt"
+        output: "b.txt"
+        log: "logs/b.log"
+        resources: gpu=2
+        shell: CALL
+
+    rule c:
+        input: "b.txt"
+        output: "c.txt"
+        log: "logs/c.log"
+        resources: gpu=1
+        shell: CALL
+
+    rule d:
+        input: "c.txt"
+        output: "d.txt"
+        log: "logs/d.log"
+        resources: gpu=1
+        shell: CALL
+    """
+).format(python=sys.executable)
+
+
+def test_a_job_on_more_gpus_stops_the_idle_worker_that_holds_them(workflow):
+    """Two pretend GPUs (the slots are lock files): 1 GPU, then 2, then 1 and 1 again."""
+    workdir, env = workflow
+    (workdir / "Snakefile").write_text(GPU_SNAKEFILE)
+    env = {**env, "CUDA_VISIBLE_DEVICES": "0,1", "LORASTUDY_GPU_SLOTS_DIR": str(workdir / "slots")}
+    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--resources", "gpu=2"], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    a, b, c, d = (int((workdir / f"{job}.txt").read_text()) for job in "abcd")
+    assert len({a, b, c}) == 3 and c == d, "a worker is kept for its GPU count and reused only for it"
+    assert "claimed GPU 0,1" in (workdir / "logs" / "b.log").read_text()
+    assert all(gone_within(pid, 5) for pid in (a, b, c))

@@ -166,12 +166,14 @@ def _connect(path: Path) -> tuple[Connection, int] | None:
 def _start(path: Path, leader: int, gpus: int) -> tuple[Connection, int]:
     if gpus > 0:
         _stop_idle(leader)  # they may hold the very GPUs this job needs
-    with claimed_gpus(gpus), open(os.devnull) as devnull:
+    # A short poll: the GPUs are this run's own idle workers' until they have exited.
+    with claimed_gpus(gpus, poll_seconds=0.1), open(os.devnull) as devnull:
         # The worker inherits the slot locks' descriptors, so the GPUs stay claimed while it lives.
+        slots = held_slot_fds()
         process = subprocess.Popen(
-            [sys.executable, "-m", "lorastudy.worker", str(path), str(leader)],
+            [sys.executable, "-m", "lorastudy.worker", str(path), str(leader), *map(str, slots)],
             stdin=devnull, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=held_slot_fds(), start_new_session=True,
+            pass_fds=slots, start_new_session=True,
         )
     started = time.monotonic()
     while not path.exists():
@@ -317,6 +319,8 @@ def _exit(path: Path, status: int) -> None:
 
 def main() -> None:
     path, leader = Path(sys.argv[1]), int(sys.argv[2])
+    for fd in map(int, sys.argv[3:]):
+        os.set_inheritable(fd, False)  # the GPU claim is the worker's alone, not its compilers' or tools'
     with open(_log_of(os.getpid()), "a", buffering=1) as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
