@@ -166,3 +166,14 @@ def test_a_job_on_more_gpus_stops_the_idle_worker_that_holds_them(workflow):
     assert len({a, b, c}) == 3 and c == d, "a worker is kept for its GPU count and reused only for it"
     assert "claimed GPU 0,1" in (workdir / "logs" / "b.log").read_text()
     assert all(gone_within(pid, 5) for pid in (a, b, c))
+
+
+def test_the_job_error_comes_back_as_itself_or_else_as_its_text():
+    import pickle
+
+    from lorastudy.worker import WorkerError, _error
+
+    error = _error(pickle.dumps(FileNotFoundError(2, "No such file", "x.jsonl")), "FileNotFoundError: ...")
+    assert isinstance(error, FileNotFoundError) and error.filename == "x.jsonl"
+    fallback = _error(b"not a pickle", "KeyError: 'rank' (the traceback is in logs/a.log)")
+    assert isinstance(fallback, WorkerError) and "logs/a.log" in str(fallback)

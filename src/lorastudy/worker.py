@@ -63,10 +63,10 @@ class WorkerError(RuntimeError):
 def run_job(target: str, *, log: str, gpus: int = 0, resident: bool = True, **kwargs: Any) -> Any:
     """Call `target` ("package.module.function") with `kwargs` as a model job, its output in `log`.
 
-    In a resident worker of this Snakemake run when `resident`, Snakemake runs
-    the job and the job claims GPUs (or the machine has none: a job without
-    GPUs on a GPU machine runs alone, as its JAX would see every GPU); else
-    here, as a job's own process does. Returns the call's value.
+    In a resident worker of this Snakemake run when `resident` and Snakemake
+    runs the job; here, as a job's own process, otherwise, and for a job that
+    asks for no GPU on a machine that has some (its JAX would take every GPU,
+    so it keeps that to itself). Returns the call's value; raises its error.
     """
     machine_gpus = visible_gpus()
     gpus = gpus if machine_gpus else 0  # without GPUs every job is alike, whatever it asked for
@@ -82,8 +82,16 @@ def run_job(target: str, *, log: str, gpus: int = 0, resident: bool = True, **kw
         except (EOFError, OSError) as error:
             raise WorkerError(f"worker {pid} died during the job (its own output: {_log_of(pid)})") from error
     if status == "error":
-        raise pickle.loads(payload) if isinstance(payload, bytes) else WorkerError(payload)
+        raise _error(*payload)
     return payload
+
+
+def _error(pickled: bytes | None, text: str) -> BaseException:
+    # The job's own exception where it unpickles, so a job fails alike in a worker and alone.
+    try:
+        return pickle.loads(pickled) if pickled is not None else WorkerError(text)
+    except Exception:  # noqa: BLE001
+        return WorkerError(text)
 
 
 def snakemake_process() -> int | None:
@@ -257,10 +265,11 @@ def _call(target: str, kwargs: dict, log_path: str, cwd: str) -> tuple[str, Any]
             job_log.info("worker %d: job %d here; device memory in use before it: %s", os.getpid(), next(_JOBS), _in_use())
             return "ok", _resolve(target)(**kwargs)
     except BaseException as error:  # noqa: BLE001 - the job's error, whatever it is, belongs to the job
+        text = f"{type(error).__name__}: {error} (the traceback is in {log_path})"
         try:
-            return "error", pickle.dumps(error)
+            return "error", (pickle.dumps(error), text)
         except Exception:  # noqa: BLE001
-            return "error", f"{type(error).__name__}: {error}"
+            return "error", (None, text)
     finally:
         _forget()
 
