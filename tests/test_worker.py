@@ -88,6 +88,12 @@ def test_jobs_of_a_run_share_one_worker_that_ends_with_the_run(workflow):
     assert f"running in worker {worker}" in (workdir / "logs" / "pid_2.log").read_text()
     assert gone_within(worker, 5), "the worker outlived its Snakemake run"
     assert not list((workdir / "workers").glob("*.sock"))
+    # A finished run's lock files go when the next run starts a worker.
+    left = workdir / "workers" / "1-0123456789ab-0.busy"  # pid 1 never ends: kept
+    finished = workdir / "workers" / f"{worker}-0123456789ab-0.busy"
+    left.touch(), finished.touch()
+    snakemake(workdir, env, "--forcerun", "pid", "pid_1.txt")
+    assert left.exists() and not finished.exists()
 
 
 def test_a_failed_job_fails_with_its_own_error_and_the_worker_stays(workflow):
@@ -112,6 +118,7 @@ def test_killing_the_job_ends_its_worker(workflow):
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert gone_within(worker, 5), "the worker went on with a killed job"
+    assert not (workdir / "workers" / f"worker-{worker}.log").exists(), "it had nothing to say, and its file stays"
 
 
 GPU_SNAKEFILE = textwrap.dedent(

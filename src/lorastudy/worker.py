@@ -172,6 +172,7 @@ def _connect(path: Path) -> tuple[Connection, int] | None:
 
 
 def _start(path: Path, leader: int, gpus: int) -> tuple[Connection, int]:
+    _sweep()
     if gpus > 0:
         _stop_idle(leader)  # they may hold the very GPUs this job needs
     # A short poll: the GPUs are this run's own idle workers' until they have exited.
@@ -195,6 +196,14 @@ def _start(path: Path, leader: int, gpus: int) -> tuple[Connection, int]:
     if found is None:
         raise WorkerError(f"worker {process.pid} does not answer ({_log_of(process.pid)})")
     return found
+
+
+def _sweep() -> None:
+    """Remove the lock files of finished runs (a worker that was stopped, killed or crashed leaves its own)."""
+    for busy in _directory().glob("*-*-*.busy"):
+        leader = busy.name.split("-", 1)[0]
+        if leader.isdigit() and not _alive(int(leader)):
+            busy.unlink(missing_ok=True)
 
 
 def _stop_idle(leader: int) -> None:
@@ -321,8 +330,11 @@ def _watch(path: Path, leader: int, state: dict, idle_seconds: float) -> None:
 
 def _exit(path: Path, status: int) -> None:
     path.unlink(missing_ok=True)
-    if status == 0:  # its own output only says something when it did not end as planned
-        _log_of(os.getpid()).unlink(missing_ok=True)
+    own = _log_of(os.getpid())
+    # Its own output (outside jobs) is kept where it says something: a worker that did not end as planned.
+    with contextlib.suppress(OSError):
+        if status == 0 or own.stat().st_size == 0:
+            own.unlink()
     os._exit(status)
 
 
