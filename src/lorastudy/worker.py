@@ -1,9 +1,9 @@
-"""Model jobs in one resident process per Snakemake run and set of GPUs.
+"""Model jobs in one resident process per Snakemake run and GPU count.
 
 A model job (prepare_model, finetune, generate) used to be a Python process
 of its own: before any work it imported JAX, Keras and KerasHub (6-7 s on an
-H200 host, about 10 s on a 2-core CPU) and started CUDA, the same for every
-job. Now a job's script hands its call to a worker that paid this once: one
+H200 host, about 3 s on this project's 2-core CPU) and started CUDA, the same
+for every job. Now a job's script hands its call to a worker that paid this once: one
 process per Snakemake run and GPU count, which runs one job at a time, each
 with the job's own log, and stays for the next job.
 
@@ -20,8 +20,9 @@ with the job's own log, and stays for the next job.
   cleared after each call, and the working directory is the job's. The
   persistent compilation cache carries over, as between processes.
 - Only under Snakemake (a `snakemake` process above the script) and with the
-  config's `resident_worker: true`; otherwise the call runs in the script's
-  own process, as before.
+  config's `resident_worker: true`, and not for a job that asks for no GPU on
+  a machine that has some; otherwise the call runs in the script's own
+  process, as before.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import fcntl
 import hashlib
 import importlib
 import itertools
-import logging
 import os
 import pickle
 import subprocess
@@ -46,8 +46,6 @@ from typing import Any
 
 from lorastudy.gpus import claimed_gpus, held_slot_fds, visible_gpus
 from lorastudy.logs import logging_to
-
-log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 30.0
 START_SECONDS = 120.0
@@ -224,7 +222,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A child of this process that has exited but not been reaped is gone too.
+    # A process that has exited but not been reaped (a zombie) is gone too.
     with contextlib.suppress(OSError, IndexError):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
