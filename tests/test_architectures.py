@@ -24,6 +24,7 @@ import pytest
 from test_export import random_adapter, transformers_logits
 from test_loss import assert_packed_rows_score_each_record_alone
 
+from lorastudy.backbones import hidden_states, is_nested, sizes, unused_layers
 from lorastudy.export import peft_adapter
 from lorastudy.finetune import finetune
 from lorastudy.generate import generate, load_for_generation, stop_token_ids
@@ -38,6 +39,8 @@ SHAPES = {
     "gemma3": {"architecture": "gemma3", "num_layers": 6},
     # Wider global heads, as E2B's; per-layer embeddings and shared key/value layers are the architecture's tiny defaults.
     "gemma4": {"architecture": "gemma4", "global_head_dim": 64},
+    # Per-layer embeddings, AltUp, LAuReL, sparse activations and shared key/value layers are its tiny defaults.
+    "gemma3n": {"architecture": "gemma3n"},
 }
 FAST = {"learning_rate": 5e-3, "batch_size": 4, "log_every_n_steps": 2, "sequence_length": 64, "pad_multiple": 32}
 TOKENS = np.array([[2, *range(40, 63)]], "int32")  # 24 tokens: past the 16-token window
@@ -52,6 +55,12 @@ def model_inputs(causal_lm, tokens):
 
 
 def _logits(causal_lm, tokens=TOKENS):
+    backbone = causal_lm.backbone
+    if is_nested(backbone):
+        # KerasHub 0.32's Gemma3nCausalLM called as a model marks its logits sparse and gives zeros;
+        # its generation (call_with_cache) projects the hidden states as here.
+        hidden = hidden_states(backbone, model_inputs(causal_lm, tokens))
+        return np.asarray(backbone.language_model.token_embedding(hidden, reverse=True))
     return np.asarray(causal_lm(model_inputs(causal_lm, tokens)))
 
 
@@ -172,6 +181,8 @@ def twins(preset, architecture, tmp):
         hf.save_pretrained(tmp / "hf")
         backbone = keras_hub.models.Backbone.from_preset(str(tmp / "hf"), dtype="float32")
         lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=lm.preprocessor)
+    elif architecture == "gemma3n":
+        gemma3n_from_transformers(b, tmp / "hf")
     else:
         _random_norms(b.weights)
         b.export_to_transformers(str(tmp / "hf"))
@@ -179,6 +190,56 @@ def twins(preset, architecture, tmp):
             proportional_rope(tmp / "hf" / "config.json")
     lm.save_to_preset(str(tmp / "keras"))
     return tmp / "keras", tmp / "hf"
+
+
+def gemma3n_from_transformers(backbone, dest) -> None:
+    """Save a random transformers Gemma3nForCausalLM of `backbone`'s shape to `dest`, and give `backbone` its weights.
+
+    KerasHub has no Gemma 3n exporter, and its importer reads only the
+    multimodal checkpoint; its own mapping of the text model's weights
+    (`convert_gemma3n._port_language_model`) is used on the text one.
+    """
+    import torch
+    import transformers
+    from keras_hub.src.utils.transformers import convert_gemma3n
+
+    # Plain lists: Keras tracks a layer's lists, and transformers deep-copies its config.
+    b, text = backbone, backbone.language_model
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=b.text_vocab_size, vocab_size_per_layer_input=b.vocab_size_per_layer_input, hidden_size=b.text_hidden_size,
+        intermediate_size=list(b.intermediate_size), num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads, head_dim=b.head_dim, layer_types=list(b.layer_types), sliding_window=b.sliding_window,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": b.rope_local_base_freq},
+                         "full_attention": {"rope_type": "default", "rope_theta": b.rope_theta}},
+        hidden_size_per_layer_input=b.hidden_size_per_layer_input, altup_num_inputs=b.altup_num_inputs,
+        altup_coef_clip=b.altup_coef_clip, laurel_rank=b.laurel_rank, num_kv_shared_layers=b.num_kv_shared_layers,
+        activation_sparsity_pattern=list(text.activation_sparsity_pattern), final_logit_softcapping=b.final_logit_soft_cap,
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Gemma3nForCausalLM(config)
+    for name, p in hf.named_parameters():
+        if "norm" in name or "scale" in name:
+            torch.nn.init.normal_(p, 0, 0.3)
+    hf.save_pretrained(dest)
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+
+    missing = []
+
+    class Loader:
+        def get_tensor(self, key):
+            return state[key.replace("model.language_model.", "model.")]
+
+        def port_weight(self, variable, key, hook_fn=None):
+            if key.replace("model.language_model.", "model.") not in state:
+                missing.append(variable.path)
+                return
+            value = self.get_tensor(key)
+            variable.assign(hook_fn(value, variable.shape) if hook_fn else value)
+
+    convert_gemma3n._port_language_model(Loader(), b)
+    # Only the projections KerasHub builds and never calls have no counterpart.
+    assert sorted(missing) == sorted(v.path for layer in unused_layers(b) for v in layer.weights)
 
 
 def proportional_rope(config_path) -> None:
@@ -199,14 +260,15 @@ def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
     keras_preset, hf_dir = twins(path, architecture, tmp_path)
     lm = load_causal_lm(keras_preset)
     random_adapter(lm.backbone, tmp_path / "adapter.lora.h5")
-    # Gemma 4's shared layers have no key or value projection of their own.
-    shared = getattr(lm.backbone, "num_kv_shared_layers", 0)
-    assert len(lora_layers(lm.backbone)) == len(TARGETS) * lm.backbone.num_layers - 2 * shared
+    # Gemma 4's shared layers have no key or value projection of their own (Gemma 3n's have theirs, unused).
+    shared = getattr(lm.backbone, "num_kv_shared_layers", 0) if architecture == "gemma4" else 0
+    assert len(lora_layers(lm.backbone)) == len(TARGETS) * sizes(lm.backbone).layers - 2 * shared
     expected = _logits(lm)
     peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft", base_model_name_or_path=str(hf_dir))
 
     name, plain, actual = transformers_logits(hf_dir, tmp_path / "peft", TOKENS)
-    assert name == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma4": "Gemma4ForCausalLM"}[architecture]
+    assert name == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM",
+                    "gemma4": "Gemma4ForCausalLM"}[architecture]
     np.testing.assert_allclose(plain, _logits(load_causal_lm(keras_preset)), rtol=1e-4, atol=1e-4)
     assert np.abs(actual - plain).max() > 1e-2
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
@@ -215,6 +277,7 @@ def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
 SPLIT = """
 import json, sys
 import numpy as np
+from lorastudy.backbones import decoder_blocks
 from lorastudy.distribution import distributed
 from lorastudy.presets import attention_heads, load_causal_lm
 
@@ -228,22 +291,25 @@ one = np.asarray(one(x))
 with distributed(2, 2, heads=attention_heads(preset)):
     lm = load_causal_lm(preset)
     split = np.asarray(lm(x))
-    block = lm.backbone.get_layer("decoder_block_0")
-    specs = [list(layer.kernel.value.sharding.spec) for layer in (block.attention.query_dense, block.gating_ffw)]
+    block = decoder_blocks(lm.backbone)[0]
+    # Gemma 3n's query and gate are plain Dense layers of their own names.
+    query, gate = (block.attention.q_proj, block.mlp.gate_proj) if hasattr(block, "mlp") else (block.attention.query_dense, block.gating_ffw)
+    specs = [list(layer.kernel.value.sharding.spec) for layer in (query, gate)]
 print(json.dumps({"difference": float(np.abs(split - one).max()), "specs": specs}))
 """
 
 
 def test_weights_split_over_two_devices_give_the_same_logits(preset):
-    """KerasHub's Gemma layout map, by weight path, holds for Gemma 2 and Gemma 3 too."""
-    _, path = preset
+    """KerasHub's Gemma layout map, by weight path, holds for Gemma 2, 3 and 4 too, and Gemma 3n's paths added to it."""
+    architecture, path = preset
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "KERAS_BACKEND": "jax"}
     done = subprocess.run([sys.executable, "-c", SPLIT, str(path)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["difference"] < 1e-5
-    # Two query heads split by head; the feed-forward gate along its output axis.
-    assert result["specs"] == [["model", "batch", None], ["batch", "model"]]
+    # Two query heads split by head (Gemma 3n's query kernel [hidden, heads x head_dim] along its output axis); the feed-forward gate along its output axis.
+    query = ["batch", "model"] if architecture == "gemma3n" else ["model", "batch", None]
+    assert result["specs"] == [query, ["batch", "model"]]
 
 
 def test_a_tiny_model_in_bfloat16_is_stored_and_loaded_as_kaggles_presets_are(tiny_data, tmp_path):

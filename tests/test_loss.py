@@ -109,6 +109,7 @@ def test_the_training_model_equals_kerashub_logits_with_keras_cross_entropy(tiny
 
 def assert_a_record_never_sees_its_neighbour(backbone, packed) -> None:
     """In a packed row, the second record's hidden states do not move, to the bit, when the first record's tokens change."""
+    from lorastudy.backbones import hidden_states
     from lorastudy.loss import SegmentPositions
 
     mask = packed["padding_mask"][:1]
@@ -118,7 +119,7 @@ def assert_a_record_never_sees_its_neighbour(backbone, packed) -> None:
         x = {"token_ids": token_ids, "padding_mask": mask}
         if "position_ids" in backbone.input:
             x["position_ids"] = np.asarray(SegmentPositions()(mask))
-        return np.asarray(backbone(x))[0, second]
+        return np.asarray(hidden_states(backbone, x))[0, second]
 
     changed = packed["token_ids"][:1].copy()
     changed[0, mask[0] == 1] = changed[0, mask[0] == 1][::-1] + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lorastudy.backbones import sizes
 from lorastudy.tokens import round_up
 
 # On a CPU, "auto" answers this many prompts at a time: larger batches buy little there.
@@ -52,11 +53,11 @@ def row_bytes(backbone, width: int) -> int:
     and a few hidden-state buffers; a step's logits. Doubled, for XLA's
     temporaries that are not counted.
     """
-    b = backbone
-    item = 2 if "16" in b.dtype_policy.compute_dtype else 4
-    cache = b.num_layers * 2 * width * b.num_key_value_heads * b.head_dim * item
-    prefill = b.num_query_heads * width * width * 4 + 4 * width * b.hidden_dim * 4
-    logits = 2 * b.vocabulary_size * 4
+    b = sizes(backbone)
+    item = 2 if "16" in backbone.dtype_policy.compute_dtype else 4
+    cache = b.layers * 2 * width * b.key_value_heads * b.head_dim * item
+    prefill = b.query_heads * width * width * 4 + 4 * width * b.hidden * 4
+    logits = 2 * b.vocabulary * 4
     return 2 * (cache + prefill + logits)
 
 

@@ -9,7 +9,8 @@ on a CPU, XLA's host devices) form a mesh of `batch` × `model` axes:
 - model parallelism (`model_parallel: k`): each weight is split over k
   devices by KerasHub's Gemma layout map (`GemmaBackbone.get_layout_map`),
   for a model that does not fit one device (`keras.distribution.ModelParallel`).
-  The map names weights by their paths, which Gemma 1, 2 and 3 share.
+  The map names weights by their paths, which Gemma 1 to 4 share; Gemma 3n's
+  plain Dense kernels are added in the same pattern.
 
 Nothing here is hand-written parallelism: XLA's SPMD partitioner does the
 work from the layouts.
@@ -78,17 +79,20 @@ def gemma_layout_map(mesh, heads: tuple[int, int] | None = None):
     import keras_hub
 
     kerashub = keras_hub.models.GemmaBackbone.get_layout_map(mesh, model_parallel_dim_name=MODEL, data_parallel_dim_name=BATCH)
-    if heads is None:
-        return kerashub
     ways = mesh.shape[mesh.axis_names.index(MODEL)]
     by_heads = lambda n: (MODEL, BATCH, None) if n % ways == 0 else (None, MODEL, None)  # noqa: E731
     layout_map = keras.distribution.LayoutMap(mesh)
     for key in kerashub:
-        if "(query|key|value)" in key:
+        if "(query|key|value)" in key and heads is not None:
             layout_map[key.replace("(query|key|value)", "query")] = by_heads(heads[0])
             layout_map[key.replace("(query|key|value)", "(key|value)")] = by_heads(heads[1])
         else:
             layout_map[key] = kerashub[key].axes
+    # Gemma 3n's paths (text_model/...), which none of the keys above match: its
+    # embeddings as Gemma's, its Dense kernels [in, out] split as Gemma's feed-forward.
+    layout_map["text_model/embed_tokens.*embeddings"] = (MODEL, BATCH)
+    layout_map["text_model/decoder_block.*(q_proj|k_proj|v_proj|gate_proj|up_proj).kernel"] = (BATCH, MODEL)
+    layout_map["text_model/decoder_block.*(o_proj|down_proj).kernel"] = (MODEL, BATCH)
     return layout_map
 
 

@@ -5,7 +5,8 @@
   `from_preset` loads the fine-tuned model with no LoRA code.
 - A PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) with
   the tensor names and shapes PEFT expects for transformers' Gemma,
-  Gemma2, Gemma3 (text) and Gemma4 causal LMs, which name their modules alike.
+  Gemma2, Gemma3 (text), Gemma3n (text) and Gemma4 causal LMs, which name
+  their modules alike.
 
 KerasHub's LoRA factors follow its kernels' head axes. For the query, key and
 value projections (kernel [heads, hidden, head_dim]) A is per head
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy.backbones import target_name, unused_layers
 from lorastudy.io import atomic_dir
 from lorastudy.lora import LoraSpec, load_adapter, lora_layers
 from lorastudy.presets import load_causal_lm
@@ -34,7 +36,7 @@ from lorastudy.internals import sublayers
 
 log = logging.getLogger(__name__)
 
-# KerasHub layer names -> transformers' module names, the same in Gemma 1 to 4.
+# KerasHub layer names -> transformers' module names, the same in Gemma 1 to 4 and 3n.
 HF_MODULES = {
     "query": "self_attn.q_proj",
     "key": "self_attn.k_proj",
@@ -128,8 +130,11 @@ def peft_adapter(
         )
     spec: LoraSpec = load_adapter(tuned.backbone, adapter)
     tensors, ranks, alphas = {}, {}, {}
+    unused = {id(layer) for layer in unused_layers(tuned.backbone)}
     for layer in lora_layers(tuned.backbone):
-        module = HF_MODULES.get(layer.name)
+        if id(layer) in unused:
+            continue
+        module = HF_MODULES.get(target_name(layer.name))
         if module is None:
             raise ExportError(f"layer {layer.path}: no transformers Gemma module corresponds to {layer.name!r}")
         lora_a, lora_b, alpha = peft_factors(layer, spec.scale)

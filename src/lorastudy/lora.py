@@ -22,11 +22,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from lorastudy.backbones import layer_names, target_name
 from lorastudy.io import atomic_path
 from lorastudy.internals import h5_store, lora_layer_indices, sublayers
 from lorastudy.presets import quantize_base
 
-# KerasHub's layer names in Gemma 1 to 4 decoder blocks (Gemma 4's shared-KV layers have no key or value).
+# KerasHub's layer names in Gemma 1 to 4 decoder blocks (Gemma 4's shared-KV layers have no key or value);
+# Gemma 3n names its own alike (`backbones.GEMMA3N_LAYERS`).
 ATTENTION = ("query", "key", "value", "attention_output")
 FEED_FORWARD = ("ffw_gating", "ffw_gating_2", "ffw_linear")
 TARGETS = ATTENTION + FEED_FORWARD
@@ -68,12 +70,13 @@ def enable_lora(backbone, spec: LoraSpec, dtype_policy: str | None = None, quant
     while the frozen kernels keep theirs; a quantized layer keeps it as the
     source of its quantized policy (int8_from_mixed_bfloat16).
     """
+    names = layer_names(backbone, spec.targets)
     if dtype_policy is not None:
         for layer in sublayers(backbone):
-            if layer.name in spec.targets and hasattr(layer, "enable_lora"):
+            if layer.name in names and hasattr(layer, "enable_lora"):
                 layer.dtype_policy = dtype_policy
     quantize_base(backbone, quantize)
-    backbone.enable_lora(spec.rank, target_layer_names=list(spec.targets))
+    backbone.enable_lora(spec.rank, target_layer_names=names)
     layers = lora_layers(backbone)
     if not layers:
         raise ValueError(f"no layer of {type(backbone).__name__} is named any of {list(spec.targets)}")
@@ -179,7 +182,7 @@ def load_padded_adapter(backbone, path: str | os.PathLike) -> LoraSpec:
     """
     spec = read_spec(path)
     layers = lora_layers(backbone)
-    enabled = sorted({layer.name for layer in layers})
+    enabled = sorted({target_name(layer.name) for layer in layers})
     if sorted(spec.targets) != enabled or spec.rank > layers[0].lora_rank:
         raise AdapterError(
             f"adapter {path} is {spec}, but this model has LoRA on {enabled} at rank {layers[0].lora_rank}; "

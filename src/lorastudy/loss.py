@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import keras
+from lorastudy.backbones import decoder_blocks, hidden_states, output_embedding, output_matrix
 from lorastudy.internals import wrap_attention_mask
 
 # Rows of logits computed at once: about 128M float32 values (512 rows of a
@@ -171,8 +172,9 @@ def response_loss_model(causal_lm, groups: int = 1, segments: bool = False) -> k
     features = {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
     if "position_ids" in backbone.input:
         features["position_ids"] = SegmentPositions()(inputs["padding_mask"])
-    hidden = backbone(features)
-    stats = ResponseLoss(backbone.token_embedding, groups)(hidden, inputs["targets"], inputs["loss_weights"])
+    hidden = hidden_states(backbone, features)
+    embedding, soft_cap = output_embedding(backbone)
+    stats = ResponseLoss(embedding, soft_cap, groups)(hidden, inputs["targets"], inputs["loss_weights"])
     return keras.Model(inputs, stats, name="lora_training")
 
 
@@ -188,7 +190,7 @@ def attend_within_segments(backbone) -> None:
     0/1 padding masks (one segment per row), and generation with a cache,
     whose mask is not square over the padding mask.
     """
-    for block in backbone.transformer_layers:
+    for block in decoder_blocks(backbone):
         wrap_attention_mask(block, _segment_mask)
 
 
@@ -224,23 +226,21 @@ class ResponseLoss(keras.layers.Layer):
     """Per-row [loss sum, correct] of the output projection's cross-entropy at weighted positions.
 
     Args:
-        token_embedding: the backbone's `ReversibleEmbedding`, whose reverse
-            direction (and soft cap) gives a Gemma's logits.
+        embedding: the backbone's output embedding (`backbones.output_embedding`),
+            whose matrix gives a Gemma's logits.
+        soft_cap: the logits' soft cap, or None.
     """
 
-    def __init__(self, token_embedding, groups: int = 1, **kwargs):
+    def __init__(self, embedding, soft_cap: float | None = None, groups: int = 1, **kwargs):
         # No autocast: the hidden states stay in the backbone's compute dtype.
         super().__init__(autocast=False, **kwargs)
-        self.token_embedding = token_embedding
+        self.embedding = embedding
+        self.soft_cap = soft_cap
         self.groups = groups
 
     def call(self, hidden, targets, loss_weights):
-        embedding = self.token_embedding
-        if embedding.tie_weights:
-            matrix = embedding.embeddings.value
-        else:
-            matrix = jnp.transpose(embedding.reverse_embeddings.value)
-        loss, correct = token_cross_entropy(hidden, matrix.astype(hidden.dtype), targets, loss_weights, embedding.logit_soft_cap, self.groups)
+        matrix = output_matrix(self.embedding)
+        loss, correct = token_cross_entropy(hidden, matrix.astype(hidden.dtype), targets, loss_weights, self.soft_cap, self.groups)
         return jnp.stack([loss.sum(axis=1), correct.sum(axis=1)], axis=1)
 
     def compute_output_spec(self, hidden, targets, loss_weights):

@@ -37,10 +37,19 @@ TINY_DEFAULTS = {
 # The tiny Gemma 2 and 3's sliding window (unless the config sets its own).
 # Gemma 4's shared key/value layers reuse an earlier layer of their kind (local
 # or global): six layers with a global one every third leave both kinds a source.
-TINY_ARCHITECTURE_DEFAULTS = {"gemma4": {"num_layers": 6, "sliding_window_pattern": 3}}
+# Gemma 3n's likewise (E2B: every fifth layer global, the last ten sharing).
+TINY_ARCHITECTURE_DEFAULTS = {
+    "gemma4": {"num_layers": 6, "sliding_window_pattern": 3},
+    "gemma3n": {"num_layers": 6, "sliding_window_pattern": 3},
+}
 TINY_WINDOW = 16
 # Gemma's special tokens, at Gemma's ids.
 GEMMA_SPECIAL = {"pad": ("<pad>", 0), "eos": ("<eos>", 1), "bos": ("<bos>", 2), "unk": ("<unk>", 3)}
+# Tokens a family's tokenizer class insists on beyond these and its chat turns.
+TOKENIZER_SYMBOLS = {
+    "gemma3n": ("<image_soft_token>", "<audio_soft_token>", "<start_of_image>", "<end_of_image>",
+                "<start_of_audio>", "<end_of_audio>", "<mask>", "[multimodal]"),
+}
 
 
 # --------------------------------------------------------------------------
@@ -77,8 +86,8 @@ def prepare_model(
     return Path(dest)
 
 
-def train_gemma_tokenizer(texts: list[str], vocabulary_size: int, turn_tokens: Sequence[str] = CHAT_TURNS["gemma"]) -> bytes:
-    """A SentencePiece BPE model with Gemma's special tokens, its chat turns' tokens, and byte fallback."""
+def train_gemma_tokenizer(texts: list[str], vocabulary_size: int, symbols: Sequence[str] = CHAT_TURNS["gemma"]) -> bytes:
+    """A SentencePiece BPE model with Gemma's special tokens, `symbols` (its chat turns' tokens, ...), and byte fallback."""
     import sentencepiece as spm
 
     ids = {f"{kind}_id": i for kind, (_, i) in GEMMA_SPECIAL.items()}
@@ -89,7 +98,7 @@ def train_gemma_tokenizer(texts: list[str], vocabulary_size: int, turn_tokens: S
         model_writer=model,
         vocab_size=vocabulary_size,
         model_type="bpe",
-        user_defined_symbols=list(turn_tokens),
+        user_defined_symbols=list(symbols),
         byte_fallback=True,
         hard_vocab_limit=False,
         character_coverage=1.0,
@@ -131,7 +140,8 @@ def build_tiny_gemma(
     if flags.get("use_sliding_window_attention"):
         # Short, so that the test sequences cross it.
         flags = {**flags, "sliding_window_size": TINY_WINDOW}
-    proto = train_gemma_tokenizer(texts, shape.pop("vocabulary_size"), chat_turns(architecture))
+    symbols = (*chat_turns(architecture), *TOKENIZER_SYMBOLS.get(architecture, ()))
+    proto = train_gemma_tokenizer(texts, shape.pop("vocabulary_size"), symbols)
     classes = keras_hub.models
     with filtered_stderr():
         if prefix == "Gemma3":
@@ -139,12 +149,37 @@ def build_tiny_gemma(
         elif prefix == "Gemma4":
             tokenizer = classes.Gemma4Tokenizer(proto=proto, has_vision_tokens=False, has_video_tokens=False)
         else:
-            tokenizer = classes.GemmaTokenizer(proto=proto)
+            tokenizer = getattr(classes, f"{prefix}Tokenizer")(proto=proto)
     keras.utils.set_random_seed(seed)
-    backbone = getattr(classes, f"{prefix}Backbone")(vocabulary_size=tokenizer.vocabulary_size(), dtype=dtype, **{**flags, **shape})
+    if prefix == "Gemma3n":
+        arguments = gemma3n_arguments({**flags, **shape}, tokenizer.vocabulary_size())
+    else:
+        arguments = {"vocabulary_size": tokenizer.vocabulary_size(), **flags, **shape}
+    backbone = getattr(classes, f"{prefix}Backbone")(dtype=dtype, **arguments)
     preprocessor = causal_lm_preprocessor(getattr(classes, f"{prefix}CausalLMPreprocessor"), tokenizer, sequence_length)
     getattr(classes, f"{prefix}CausalLM")(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(dest))
     log.info("tiny %s: %d parameters, vocabulary %d", type(backbone).__name__, backbone.count_params(), tokenizer.vocabulary_size())
+
+
+def gemma3n_arguments(shape: Mapping[str, Any], vocabulary_size: int) -> dict[str, Any]:
+    """Gemma3nBackbone's arguments for a tiny shape given in Gemma's names (num_layers, hidden_dim, ...)."""
+    s = dict(shape)
+    n, every = s.pop("num_layers"), s.pop("sliding_window_pattern")
+    return {
+        "text_vocab_size": vocabulary_size,
+        "vocab_size_per_layer_input": vocabulary_size,
+        "num_hidden_layers": n,
+        "text_hidden_size": s.pop("hidden_dim"),
+        "num_attention_heads": s.pop("num_query_heads"),
+        # Gemma's intermediate_dim counts both halves of the gated feed-forward; Gemma 3n's is one half.
+        "intermediate_size": [s.pop("intermediate_dim") // 2] * n,
+        "layer_types": ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)],
+        "sliding_window": s.pop("sliding_window_size", TINY_WINDOW),
+        # Sparse feed-forward activations in the first third of the layers, as in E2B's first ten of 30.
+        "activation_sparsity_pattern": [0.95 if i < n // 3 else 0.0 for i in range(n)],
+        "pad_token_id": GEMMA_SPECIAL["pad"][1],
+        **s,
+    }
 
 
 def kaggle_credentials_available() -> bool:
@@ -201,7 +236,9 @@ def text_only(causal_lm):
     backbone = causal_lm.backbone
     if getattr(backbone, "vision_encoder", None) is None and getattr(backbone, "audio_encoder", None) is None:
         return causal_lm
-    config = {**backbone.get_config(), "vision_encoder": None, "audio_encoder": None}
+    config = backbone.get_config()
+    # Gemma 3 and 4 name their encoders, Gemma 3n their encoders' configurations.
+    config.update({k: None for k in ("vision_encoder", "audio_encoder", "vision_encoder_config", "audio_encoder_config") if k in config})
     text = type(backbone).from_config(config)
     weights = {v.path: v for v in backbone.weights}
     for variable in text.weights:

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from lorastudy.backbones import config_sizes, output_embedding
 from lorastudy.quiet import filtered_stderr
 from lorastudy.internals import variables_initialized_by
 
@@ -59,7 +60,10 @@ def _config(preset: str | os.PathLike) -> dict:
 def attention_heads(preset: str | os.PathLike) -> tuple[int, int] | None:
     """A prepared preset's (query heads, key/value heads), from its config.json; None if it has none."""
     config = _config(preset)
-    return (config["num_query_heads"], config["num_key_value_heads"]) if config else None
+    if not config:
+        return None
+    sizes = config_sizes(config)
+    return sizes.query_heads, sizes.key_value_heads
 
 
 def tensorflow_available() -> bool:
@@ -106,7 +110,8 @@ def quantize_base(backbone, mode: str) -> None:
         with filtered_stderr(), warnings.catch_warnings():
             # Keras names every layer without weights to quantize (dropout, inputs): nothing is wrong.
             warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize` method")
-            backbone.quantize(mode, filters=lambda layer: layer is not backbone.token_embedding)
+            embedding, _ = output_embedding(backbone)
+            backbone.quantize(mode, filters=lambda layer: layer is not embedding)
 
 
 def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None, remat: bool = False):
@@ -121,7 +126,8 @@ def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None, remat: b
     import keras_hub
 
     task = causal_lm_class(preset)
-    blocks = [f"decoder_block_{i}" for i in range(_config(preset).get("num_layers", 0))] if remat else None
+    config = _config(preset)
+    blocks = [f"decoder_block_{i}" for i in range(config_sizes(config).layers if config else 0)] if remat else None
     scope = keras.RematScope(mode="list_of_layers", layer_names=blocks) if remat else contextlib.nullcontext()
     with filtered_stderr(), weights_from_the_preset(), scope:
         if tensorflow_available():
@@ -199,9 +205,23 @@ ARCHITECTURES = {
         "use_double_wide_mlp": True,
         "global_rope_partial_rotary_factor": 0.25,
     }),
+    # Gemma 3n (E2B/E4B): its own backbone, with per-layer embeddings, AltUp's
+    # parallel streams, LAuReL's low-rank residual, shared key/value layers.
+    "gemma3n": ("Gemma3n", {
+        "hidden_activation": "gelu_approximate",
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "max_position_embeddings": 32768,
+        "hidden_size_per_layer_input": 16,
+        "altup_num_inputs": 4,
+        "altup_coef_clip": 120.0,
+        "laurel_rank": 8,
+        "num_kv_shared_layers": 2,
+        "final_logit_soft_cap": 30.0,
+    }),
 }
 # KerasHub's backbone class name -> architecture, where the class says it alone.
-_BY_CLASS = {"Gemma3Backbone": "gemma3", "Gemma4Backbone": "gemma4"}
+_BY_CLASS = {"Gemma3Backbone": "gemma3", "Gemma4Backbone": "gemma4", "Gemma3nBackbone": "gemma3n"}
 
 
 def _architecture(class_name: str, post_ffw_norm: bool) -> str:
@@ -214,7 +234,7 @@ def _architecture(class_name: str, post_ffw_norm: bool) -> str:
 
 
 def architecture(backbone) -> str:
-    """`gemma`, `gemma2`, `gemma3` or `gemma4`, from a KerasHub backbone's class and flags (never its preset's name)."""
+    """`gemma`, `gemma2`, `gemma3`, `gemma3n` or `gemma4`, from a KerasHub backbone's class and flags (never its preset's name)."""
     return _architecture(type(backbone).__name__, bool(getattr(backbone, "use_post_ffw_norm", False)))
 
 
