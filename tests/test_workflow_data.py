@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from lorastudy.controls import make_dolly
 from lorastudy.data import sha256_file as sha256
 from workflow_helpers import REPO, snakemake, write_config
@@ -41,10 +43,14 @@ def test_gemma2_and_gemma3_paper_dag_dry_run(tmp_path):
     assert per_run.stdout.count("rule generate_base:") == 4
 
 
-def test_gemma4_paper_dag_dry_run(tmp_path):
-    configs = [str(REPO / "config" / name) for name in ("paper.yaml", "paper_gemma4.yaml")]
+@pytest.mark.parametrize(("layer", "models"), [
+    ("paper_gemma4.yaml", ("gemma4_2b", "gemma4_instruct_2b", "gemma4_4b", "gemma4_instruct_4b")),
+    ("paper_gemma3n.yaml", ("gemma3n_e2b", "gemma3n_instruct_e2b", "gemma3n_e4b", "gemma3n_instruct_e4b")),
+])
+def test_gemma4_and_gemma3n_paper_dags_dry_run(tmp_path, layer, models):
+    configs = [str(REPO / "config" / name) for name in ("paper.yaml", layer)]
     result = snakemake(tmp_path, "-n", "--configfile", *configs)
-    for model in ("gemma4_2b", "gemma4_instruct_2b", "gemma4_4b", "gemma4_instruct_4b"):
+    for model in models:
         assert f"model={model}" in result.stdout
     assert result.stdout.count("rule finetune:") == 4 * 3 and result.stdout.count("rule generate:") == 4
 
