@@ -11,6 +11,9 @@ from lorastudy.presets import ARCHITECTURES
 
 # Gemma 2 and 3 with the flags their KerasHub presets set (Gemma 2 is KerasHub's GemmaBackbone).
 GEMMA2, GEMMA3 = ARCHITECTURES["gemma2"][1], ARCHITECTURES["gemma3"][1]
+# Gemma 3n E2B as transformers' google/gemma-3n-E2B configures it (its own backbone;
+# sizes in Gemma's names, as lorastudy.models.gemma3n_arguments takes them).
+GEMMA3N_E2B = {**ARCHITECTURES["gemma3n"][1], "hidden_size_per_layer_input": 256, "laurel_rank": 64, "num_kv_shared_layers": 10}
 
 KERAS_GEMMA = {
     "gemma_2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
@@ -23,11 +26,16 @@ KERAS_GEMMA = {
                       hidden_dim=1152, intermediate_dim=6912, head_dim=256, sliding_window_size=512, **GEMMA3),
     "gemma3_4b": dict(vocabulary_size=262144, num_layers=34, num_query_heads=8, num_key_value_heads=4,
                       hidden_dim=2560, intermediate_dim=10240, head_dim=256, sliding_window_size=1024, **GEMMA3),
+    "gemma3n_e2b": dict(vocabulary_size=262400, num_layers=30, num_query_heads=8, num_key_value_heads=2, hidden_dim=2048,
+                        intermediate_dim=16384, head_dim=256, sliding_window_size=512, sliding_window_pattern=5, **GEMMA3N_E2B),
     # For a dry run of this script on a CPU.
     "gemma_tiny": dict(vocabulary_size=2048, num_layers=2, num_query_heads=2, num_key_value_heads=1,
                        hidden_dim=64, intermediate_dim=128, head_dim=32),
     "gemma3_tiny": dict(vocabulary_size=1000, num_layers=6, num_query_heads=2, num_key_value_heads=1,
                         hidden_dim=64, intermediate_dim=128, head_dim=32, sliding_window_size=16, **GEMMA3),
+    "gemma3n_tiny": dict(vocabulary_size=1000, num_layers=6, num_query_heads=2, num_key_value_heads=1, hidden_dim=64,
+                         intermediate_dim=128, head_dim=32, sliding_window_size=16, sliding_window_pattern=3,
+                         **{**GEMMA3N_E2B, "hidden_size_per_layer_input": 16, "laurel_rank": 8, "num_kv_shared_layers": 2}),
 }
 
 
@@ -39,8 +47,16 @@ LEARNING_RATE, WEIGHT_DECAY = 5e-5, 0.01
 
 
 def family(model: str) -> str:
-    """gemma, gemma2 or gemma3."""
+    """gemma, gemma2, gemma3 or gemma3n."""
     return model.split("_")[0]
+
+
+def compute_params(model: str, params: int) -> int:
+    """The parameters a token's matrix products use: Gemma 3n's per-layer embeddings are looked up, not multiplied."""
+    if family(model) != "gemma3n":
+        return params
+    c = KERAS_GEMMA[model]
+    return params - c["vocabulary_size"] * c["num_layers"] * c["hidden_size_per_layer_input"]
 
 
 
@@ -54,6 +70,8 @@ def hf_config(model: str):
     import transformers
 
     c = KERAS_GEMMA[model]
+    if family(model) == "gemma3n":
+        return gemma3n_hf_config(model)
     halves = 1 if family(model) == "gemma3" else 2
     common = dict(vocab_size=c["vocabulary_size"], num_hidden_layers=c["num_layers"], num_attention_heads=c["num_query_heads"],
                   num_key_value_heads=c["num_key_value_heads"], hidden_size=c["hidden_dim"],
@@ -68,13 +86,37 @@ def hf_config(model: str):
 
 
 
+def gemma3n_hf_config(model: str):
+    """transformers' Gemma3nTextConfig of the same shape as the KerasHub backbone `keras_gemma` builds."""
+    import transformers
+
+    from lorastudy.models import gemma3n_arguments
+
+    c = KERAS_GEMMA[model]
+    a = gemma3n_arguments({k: v for k, v in c.items() if k != "vocabulary_size"}, c["vocabulary_size"])
+    return transformers.Gemma3nTextConfig(
+        vocab_size=a["text_vocab_size"], vocab_size_per_layer_input=a["vocab_size_per_layer_input"], hidden_size=a["text_hidden_size"],
+        intermediate_size=a["intermediate_size"], num_hidden_layers=a["num_hidden_layers"], num_attention_heads=a["num_attention_heads"],
+        num_key_value_heads=a["num_key_value_heads"], head_dim=a["head_dim"], layer_types=a["layer_types"],
+        sliding_window=a["sliding_window"], hidden_size_per_layer_input=a["hidden_size_per_layer_input"],
+        altup_num_inputs=a["altup_num_inputs"], laurel_rank=a["laurel_rank"], num_kv_shared_layers=a["num_kv_shared_layers"],
+        activation_sparsity_pattern=a["activation_sparsity_pattern"], final_logit_softcapping=a["final_logit_soft_cap"],
+        max_position_embeddings=8192,
+    )
+
+
 def keras_gemma(model: str, dtype: str):
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    prefix = "Gemma3" if family(model) == "gemma3" else "Gemma"
-    backbone = getattr(keras_hub.models, f"{prefix}Backbone")(**KERAS_GEMMA[model], dtype=dtype)
+    shape = dict(KERAS_GEMMA[model])
+    prefix = {"gemma3": "Gemma3", "gemma3n": "Gemma3n"}.get(family(model), "Gemma")
+    if prefix == "Gemma3n":
+        from lorastudy.models import gemma3n_arguments
+
+        shape = gemma3n_arguments({k: v for k, v in shape.items() if k != "vocabulary_size"}, shape["vocabulary_size"])
+    backbone = getattr(keras_hub.models, f"{prefix}Backbone")(**shape, dtype=dtype)
     return getattr(keras_hub.models, f"{prefix}CausalLM")(backbone=backbone, preprocessor=None)
 
 

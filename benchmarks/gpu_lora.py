@@ -37,7 +37,7 @@ from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, and a quiet start, before any keras import
 from benchmarks.gemma_shapes import (
-    KERAS_GEMMA, LEARNING_RATE, NEWER, WEIGHT_DECAY, lora_gemma, random_examples, use_attention, vocabulary,
+    KERAS_GEMMA, LEARNING_RATE, NEWER, WEIGHT_DECAY, compute_params, lora_gemma, random_examples, use_attention, vocabulary,
 )
 from benchmarks.peft_peer import PEERS, peft_generate, peft_train
 from benchmarks.gpu_lora_summary import summarize
@@ -57,14 +57,14 @@ def ours_train(args, causal_lm=None) -> None:
     out = Path(args.out)
     use_attention(args.attention)
     causal_lm = causal_lm or lora_gemma(args.model, args.rank, args.precision)
-    params = causal_lm.backbone.count_params()
+    params = compute_params(args.model, causal_lm.backbone.count_params())
     # Ascending in tokens per batch, so the process's peak memory after each
     # shape is that shape's peak.
     shapes = sorted((tuple(map(int, s.split("x"))) for s in args.shapes), key=lambda s: s[0] * s[1])
     for seq, batch in shapes:
         settings = TrainSettings(sequence_length=seq, batch_size=batch, length_bucketing=False,
                                  learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        data = Batches(random_examples([seq] * batch * (args.steps + 3), causal_lm.backbone.vocabulary_size), [seq], batch, 0)
+        data = Batches(random_examples([seq] * batch * (args.steps + 3), vocabulary(args.model)), [seq], batch, 0)
         record = dict(phase="train", framework="ours", model=args.model, precision=args.precision, rank=args.rank,
                       seq=seq, batch=batch, params=params, attention=args.attention,
                       xla_flags=os.environ.get("XLA_FLAGS", ""), gpu=gpu_name())
@@ -250,6 +250,14 @@ PHASES = {
         *[["peft-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8", "--peer", p] for p in PEERS["train"]],
     ],
     "peers_generate": lambda m, ranks: [
+        ["ours-generate", "--model", m, "--batches", "16", "64"],
+        *[["peft-generate", "--model", m, "--batches", "16", "64", "--peer", p] for p in PEERS["generate"]],
+    ],
+    # Gemma 3n (issue 26; run with --model gemma3n_e2b): training against eager PEFT and PEFT compiled
+    # (the strongest route for Gemma 2B), generation against eager and static-cache compiled.
+    "gemma3n": lambda m, ranks: [
+        ["ours-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8"],
+        *[["peft-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8", "--peer", p] for p in ("eager", "compile")],
         ["ours-generate", "--model", m, "--batches", "16", "64"],
         *[["peft-generate", "--model", m, "--batches", "16", "64", "--peer", p] for p in PEERS["generate"]],
     ],

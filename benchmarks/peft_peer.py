@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.gemma_shapes import LEARNING_RATE, WEIGHT_DECAY, family, hf_config, vocabulary
+from benchmarks.gemma_shapes import LEARNING_RATE, WEIGHT_DECAY, compute_params, family, hf_config, vocabulary
 from benchmarks.harness import emit, gpu_name, peak_flops
 
 
@@ -70,7 +70,7 @@ def peft_train(args, model=None) -> None:
     out = Path(args.out)
     peer = getattr(args, "peer", "eager")
     model = model or peft_model(args.model, args.rank, peer)
-    params = sum(p.numel() for p in model.parameters())
+    params = compute_params(args.model, sum(p.numel() for p in model.parameters()))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     model.train()
     forward = torch.compile(model) if "compile" in peer else model
