@@ -61,14 +61,16 @@ def summarize(args) -> None:
         lines.append(f"| {row['model']} | {row['new_tokens'] // row['batch']} at {row['batch']} | {row['ours_new_tokens_per_s']:,.0f} | "
                      f"{row['peft_new_tokens_per_s']:,.0f} | {row['ratio']:.1f}x | {row['ours_peak_gib']:.1f} |")
     write_csv(out / "gpu_lora_generate.csv", table)
-    lines += ["", "| batching | bucket widths | padded tokens | useful tokens/s | vs padded | first epoch s (compiles) |", "|---|---|---|---|---|---|"]
     table = [r for r in records if r["phase"] == "bucketing"]
-    plain = next(r for r in table if not r["length_bucketing"])
-    for r in table:
+    plain = next((r for r in table if not r["length_bucketing"]), None)
+    if plain is not None:
+        lines += ["", "| batching | bucket widths | padded tokens | useful tokens/s | vs padded | first epoch s (compiles) |", "|---|---|---|---|---|---|"]
+    for r in table if plain is not None else []:
         name = f"buckets of {r['pad_multiple']}" if r["length_bucketing"] else "padded to 256"
         lines.append(f"| {name} | {r['widths']} | {r['padded_tokens']:,} | {r['useful_tokens_per_s']:,.0f} | "
                      f"{r['useful_tokens_per_s'] / plain['useful_tokens_per_s']:.2f}x | {r['first_epoch_seconds']:.0f} |")
-    write_csv(out / "gpu_lora_bucketing.csv", [{k: v for k, v in r.items() if k != "environment"} for r in table])
+    if plain is not None:
+        write_csv(out / "gpu_lora_bucketing.csv", [{k: v for k, v in r.items() if k != "environment"} for r in table])
     for r in records:
         if r["phase"] == "profile":
             lines += ["", f"GPU time of one training step, {r['model']} rank {r['rank']}, {r['seq']} x {r['batch']} "
