@@ -47,10 +47,24 @@ def test_the_base_is_int8_and_only_the_adapters_train(tiny_preset):
     assert all("lora" in v.path for v in backbone.trainable_weights)
 
 
+@pytest.fixture(scope="module", params=["gemma", "gemma3n"])
+def float_preset(request, tiny_preset, tiny_data, tmp_path_factory):
+    """The tiny Gemma, and a tiny Gemma 3n (its own output embedding, inside its text model)."""
+    if request.param == "gemma":
+        return tiny_preset
+    from lorastudy.models import prepare_model
+
+    return prepare_model("gemma3n", {"source": "tiny", "tiny": {"architecture": "gemma3n"}}, tmp_path_factory.mktemp("q3n") / "preset",
+                         train_path=tiny_data["train"], sequence_length=64)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_the_training_loss_on_a_quantized_base_starts_where_the_float_bases_does(tiny_preset, mode):
+def test_the_training_loss_on_a_quantized_base_starts_where_the_float_bases_does(float_preset, mode):
     """The loss reads the output embedding's matrix itself: it stays in float, or the loss is off by the int8 scale (thousands)."""
+    from lorastudy.backbones import output_embedding
     from lorastudy.loss import response_loss_model
+
+    tiny_preset = float_preset
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, 300, (4, 32)).astype("int32")
@@ -62,7 +76,7 @@ def test_the_training_loss_on_a_quantized_base_starts_where_the_float_bases_does
         enable_lora(lm.backbone, LoraSpec(4), quantize=quantize)
         losses[quantize] = float(np.asarray(response_loss_model(lm)(x))[:, 0].sum() / x["loss_weights"].sum())
     assert losses[mode] == pytest.approx(losses["none"], rel=0.02), losses
-    assert lm.backbone.token_embedding.embeddings.dtype == "float32"
+    assert output_embedding(lm.backbone)[0].embeddings.dtype == "float32"
 
 
 def test_lora_trains_on_an_int8_base_and_writes_the_usual_adapter(int8_run, indices):

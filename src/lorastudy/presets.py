@@ -127,6 +127,11 @@ def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None, remat: b
 
     task = causal_lm_class(preset)
     config = _config(preset)
+    if remat and "text_hidden_size" in config:
+        raise ModelError(
+            f"{preset}: train.gradient_checkpointing cannot be on for Gemma 3n: KerasHub 0.32's Gemma 3n decoder block "
+            "fails when Keras rematerializes it (JAX reports a boolean conversion of a traced value); set it to false"
+        )
     blocks = [f"decoder_block_{i}" for i in range(config_sizes(config).layers if config else 0)] if remat else None
     scope = keras.RematScope(mode="list_of_layers", layer_names=blocks) if remat else contextlib.nullcontext()
     with filtered_stderr(), weights_from_the_preset(), scope:
