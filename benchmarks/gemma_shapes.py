@@ -86,14 +86,19 @@ def hf_config(model: str):
 
 
 
+def gemma3n_backbone_arguments(model: str) -> dict:
+    """Gemma3nBackbone's arguments for a Gemma 3n shape of KERAS_GEMMA (given there in Gemma's names)."""
+    from lorastudy.models import gemma3n_arguments
+
+    c = KERAS_GEMMA[model]
+    return gemma3n_arguments({k: v for k, v in c.items() if k != "vocabulary_size"}, c["vocabulary_size"])
+
+
 def gemma3n_hf_config(model: str):
     """transformers' Gemma3nTextConfig of the same shape as the KerasHub backbone `keras_gemma` builds."""
     import transformers
 
-    from lorastudy.models import gemma3n_arguments
-
-    c = KERAS_GEMMA[model]
-    a = gemma3n_arguments({k: v for k, v in c.items() if k != "vocabulary_size"}, c["vocabulary_size"])
+    a = gemma3n_backbone_arguments(model)
     return transformers.Gemma3nTextConfig(
         vocab_size=a["text_vocab_size"], vocab_size_per_layer_input=a["vocab_size_per_layer_input"], hidden_size=a["text_hidden_size"],
         intermediate_size=a["intermediate_size"], num_hidden_layers=a["num_hidden_layers"], num_attention_heads=a["num_attention_heads"],
@@ -110,12 +115,8 @@ def keras_gemma(model: str, dtype: str):
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    shape = dict(KERAS_GEMMA[model])
     prefix = {"gemma3": "Gemma3", "gemma3n": "Gemma3n"}.get(family(model), "Gemma")
-    if prefix == "Gemma3n":
-        from lorastudy.models import gemma3n_arguments
-
-        shape = gemma3n_arguments({k: v for k, v in shape.items() if k != "vocabulary_size"}, shape["vocabulary_size"])
+    shape = gemma3n_backbone_arguments(model) if prefix == "Gemma3n" else KERAS_GEMMA[model]
     backbone = getattr(keras_hub.models, f"{prefix}Backbone")(**shape, dtype=dtype)
     return getattr(keras_hub.models, f"{prefix}CausalLM")(backbone=backbone, preprocessor=None)
 

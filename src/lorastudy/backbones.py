@@ -62,9 +62,14 @@ def sizes(backbone) -> Sizes:
     return config_sizes(backbone.get_config())
 
 
+def is_nested_config(config: Mapping[str, Any]) -> bool:
+    """Whether a backbone's configuration (a preset's config.json `config`) is Gemma 3n's, whose decoder is nested."""
+    return "text_hidden_size" in config
+
+
 def config_sizes(config: Mapping[str, Any]) -> Sizes:
     """The sizes in a backbone's configuration (a preset's config.json `config`)."""
-    keys = _GEMMA3N_KEYS if "text_hidden_size" in config else _GEMMA_KEYS
+    keys = _GEMMA3N_KEYS if is_nested_config(config) else _GEMMA_KEYS
     return Sizes(*(int(config[key]) for key in keys))
 
 

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorastudy.backbones import config_sizes, output_embedding
+from lorastudy.backbones import config_sizes, is_nested_config, output_embedding
 from lorastudy.quiet import filtered_stderr
 from lorastudy.internals import variables_initialized_by
 
@@ -127,7 +127,7 @@ def load_causal_lm(preset: str | os.PathLike, dtype: str | None = None, remat: b
 
     task = causal_lm_class(preset)
     config = _config(preset)
-    if remat and "text_hidden_size" in config:
+    if remat and is_nested_config(config):
         raise ModelError(
             f"{preset}: train.gradient_checkpointing cannot be on for Gemma 3n: KerasHub 0.32's Gemma 3n decoder block "
             "fails when Keras rematerializes it (JAX reports a boolean conversion of a traced value); set it to false"
