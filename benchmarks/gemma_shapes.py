@@ -96,17 +96,34 @@ def gemma3n_backbone_arguments(model: str) -> dict:
 
 def gemma3n_hf_config(model: str):
     """transformers' Gemma3nTextConfig of the same shape as the KerasHub backbone `keras_gemma` builds."""
+    return gemma3n_text_config(gemma3n_backbone_arguments(model))
+
+
+def gemma3n_text_config(arguments: dict):
+    """transformers' Gemma3nTextConfig of the Gemma3nBackbone these arguments build (a backbone's `get_config()` will do).
+
+    The one mapping of KerasHub's names to transformers', shared with the
+    tests that hold the PEFT export to transformers' own model.
+    """
+    import inspect
+
+    import keras_hub
     import transformers
 
-    a = gemma3n_backbone_arguments(model)
+    parameters = inspect.signature(keras_hub.models.Gemma3nBackbone.__init__).parameters.values()
+    a = {**{p.name: p.default for p in parameters if p.default is not p.empty}, **arguments}
+    # Plain lists: Keras tracks a layer's lists, and transformers deep-copies its config.
     return transformers.Gemma3nTextConfig(
         vocab_size=a["text_vocab_size"], vocab_size_per_layer_input=a["vocab_size_per_layer_input"], hidden_size=a["text_hidden_size"],
-        intermediate_size=a["intermediate_size"], num_hidden_layers=a["num_hidden_layers"], num_attention_heads=a["num_attention_heads"],
-        num_key_value_heads=a["num_key_value_heads"], head_dim=a["head_dim"], layer_types=a["layer_types"],
-        sliding_window=a["sliding_window"], hidden_size_per_layer_input=a["hidden_size_per_layer_input"],
-        altup_num_inputs=a["altup_num_inputs"], laurel_rank=a["laurel_rank"], num_kv_shared_layers=a["num_kv_shared_layers"],
-        activation_sparsity_pattern=a["activation_sparsity_pattern"], final_logit_softcapping=a["final_logit_soft_cap"],
-        max_position_embeddings=8192,
+        intermediate_size=list(a["intermediate_size"]), num_hidden_layers=a["num_hidden_layers"],
+        num_attention_heads=a["num_attention_heads"], num_key_value_heads=a["num_key_value_heads"], head_dim=a["head_dim"],
+        layer_types=list(a["layer_types"]), sliding_window=a["sliding_window"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": a["rope_local_base_freq"]},
+                         "full_attention": {"rope_type": "default", "rope_theta": a["rope_theta"]}},
+        hidden_size_per_layer_input=a["hidden_size_per_layer_input"], altup_num_inputs=a["altup_num_inputs"],
+        altup_coef_clip=a["altup_coef_clip"], laurel_rank=a["laurel_rank"], num_kv_shared_layers=a["num_kv_shared_layers"],
+        activation_sparsity_pattern=list(a["activation_sparsity_pattern"]), final_logit_softcapping=a["final_logit_soft_cap"],
+        max_position_embeddings=8192, pad_token_id=0, bos_token_id=2, eos_token_id=1,
     )
 
 

@@ -203,19 +203,9 @@ def gemma3n_from_transformers(backbone, dest) -> None:
     import transformers
     from keras_hub.src.utils.transformers import convert_gemma3n
 
-    # Plain lists: Keras tracks a layer's lists, and transformers deep-copies its config.
-    b, text = backbone, backbone.language_model
-    config = transformers.Gemma3nTextConfig(
-        vocab_size=b.text_vocab_size, vocab_size_per_layer_input=b.vocab_size_per_layer_input, hidden_size=b.text_hidden_size,
-        intermediate_size=list(b.intermediate_size), num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
-        num_key_value_heads=b.num_key_value_heads, head_dim=b.head_dim, layer_types=list(b.layer_types), sliding_window=b.sliding_window,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": b.rope_local_base_freq},
-                         "full_attention": {"rope_type": "default", "rope_theta": b.rope_theta}},
-        hidden_size_per_layer_input=b.hidden_size_per_layer_input, altup_num_inputs=b.altup_num_inputs,
-        altup_coef_clip=b.altup_coef_clip, laurel_rank=b.laurel_rank, num_kv_shared_layers=b.num_kv_shared_layers,
-        activation_sparsity_pattern=list(text.activation_sparsity_pattern), final_logit_softcapping=b.final_logit_soft_cap,
-        pad_token_id=0, bos_token_id=2, eos_token_id=1,
-    )
+    from benchmarks.gemma_shapes import gemma3n_text_config
+
+    config = gemma3n_text_config(backbone.get_config())
     torch.manual_seed(0)
     hf = transformers.Gemma3nForCausalLM(config)
     for name, p in hf.named_parameters():
@@ -237,9 +227,9 @@ def gemma3n_from_transformers(backbone, dest) -> None:
             value = self.get_tensor(key)
             variable.assign(hook_fn(value, variable.shape) if hook_fn else value)
 
-    convert_gemma3n._port_language_model(Loader(), b)
+    convert_gemma3n._port_language_model(Loader(), backbone)
     # Only the projections KerasHub builds and never calls have no counterpart.
-    assert sorted(missing) == sorted(v.path for layer in unused_layers(b) for v in layer.weights)
+    assert sorted(missing) == sorted(v.path for layer in unused_layers(backbone) for v in layer.weights)
 
 
 def proportional_rope(config_path) -> None:
