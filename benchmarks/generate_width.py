@@ -1,18 +1,21 @@
-"""An evaluation's decode time against `generate.pad_multiple`, on the main job's own model and prompts (CPU).
+"""An evaluation's decode time against `generate.pad_multiple` and `generate.batch_size`, on the main job's own model and prompts (CPU).
 
     python -m benchmarks.generate_width run --preset results/models/gemma3_270m_q4km/preset \\
-        --test results/data/test.jsonl --out DIR
+        --test results/data/test.jsonl --out DIR [--batch-sizes 16 25 50 100 --multiples 8]
     python -m benchmarks.generate_width summarize --results DIR/results.jsonl
 
 KerasHub's generation loop runs from a batch's shortest prompt to the end of
 its width (the longest prompt and the new tokens, rounded up to
 `pad_multiple`), so the rounding is paid in decode steps by every row of the
-batch. Each measurement answers the test prompts once with the base model
+batch, and a larger batch, with its wider spread of prompt lengths, pays
+more steps per row. Each measurement answers the test prompts once
 (`lorastudy.generate.generate`, the evaluation job's own function, at the
-main job's batch size and new tokens), in a process of its own, the
-multiples taken in turn and repeated; it records the decode steps the
-batches take, the compile and steady seconds, and whether the answers equal
-those at the first multiple.
+main job's new tokens), in a process of its own, the batch sizes and
+multiples taken in turn and repeated: with the base model alone, or with
+`--adapter` (one of the main job's) on LoRA variables, as the evaluation
+job answers for every run. It records the decode steps the batches take,
+the compile and steady seconds, the steady milliseconds a row's decode step
+costs, and whether the answers equal those of the first measurement.
 """
 
 from __future__ import annotations
@@ -35,17 +38,18 @@ def worker(args) -> None:
 
     out = Path(args.out)
     template = template_for(args.prompt_format)
-    answers = out / f"answers_{args.pad_multiple}_{args.repeat}.jsonl"
+    answers = out / f"answers_{args.pad_multiple}_{args.batch_size}_{args.repeat}.jsonl"
     settings = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, pad_multiple=args.pad_multiple)
     with tempfile.TemporaryDirectory() as tmp:
-        [stats] = generate(args.preset, args.test, [answers], [Path(tmp) / "generate.json"], template, settings=settings)
+        adapters = [args.adapter] if args.adapter else []
+        [stats] = generate(args.preset, args.test, [answers], [Path(tmp) / "generate.json"], template, adapters=adapters, settings=settings)
     # The batches the evaluation answered, as it forms them: the loop decodes from each one's shortest prompt to its width.
     tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(args.preset)
     prompt = PromptTemplate(template)
     prompt_ids = prompt_token_ids(tokenizer, [prompt.prompt(r["instruction"]) for r in read_jsonl(args.test)])
     batches = answer_batches(prompt_ids, args.batch_size, args.max_new_tokens, args.pad_multiple)
-    first = out / f"answers_{args.multiples[0]}_0.jsonl"
-    emit(out, phase="generate_width", pad_multiple=args.pad_multiple, repeat=args.repeat, prompts=len(prompt_ids),
+    first = out / f"answers_{args.multiples[0]}_{args.batch_sizes[0]}_0.jsonl"
+    emit(out, phase="generate_width", pad_multiple=args.pad_multiple, repeat=args.repeat, prompts=len(prompt_ids), adapter=args.adapter,
          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, widths=sorted({width for _, width in batches}),
          decode_steps=sum(width - min(len(prompt_ids[i]) for i in batch) for batch, width in batches), seconds=stats["seconds"],
          compile_seconds=stats["compile_seconds"], steady_seconds=stats["steady_seconds"],
@@ -56,20 +60,26 @@ def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     emit(out, phase="environment", software=software())
-    common = ["--preset", args.preset, "--test", args.test, "--out", str(out), "--batch-size", str(args.batch_size),
-              "--max-new-tokens", str(args.max_new_tokens), "--prompt-format", args.prompt_format,
-              "--multiples", *map(str, args.multiples)]
+    common = ["--preset", args.preset, "--test", args.test, "--out", str(out), "--max-new-tokens", str(args.max_new_tokens),
+              "--prompt-format", args.prompt_format, "--multiples", *map(str, args.multiples), "--batch-sizes", *map(str, args.batch_sizes),
+              *(["--adapter", args.adapter] if args.adapter else [])]
     for repeat in range(args.repeats):
-        for multiple in args.multiples:
-            run_worker("benchmarks.generate_width", ["worker", "--pad-multiple", str(multiple), "--repeat", str(repeat), *common], out)
+        for batch in args.batch_sizes:
+            for multiple in args.multiples:
+                run_worker("benchmarks.generate_width", ["worker", "--pad-multiple", str(multiple), "--batch-size", str(batch),
+                                                         "--repeat", str(repeat), *common], out)
 
 
 def summarize(args) -> None:
     raw = [r for r in read_records(args.results) if r["phase"] == "generate_width"]
     rows = [{
-        "pad_multiple": r["pad_multiple"], "repeat": r["repeat"], "widths": " ".join(map(str, r["widths"])),
+        "pad_multiple": r["pad_multiple"], "batch": r["batch_size"], "LoRA": "yes" if r.get("adapter") else "no", "repeat": r["repeat"],
+        "widths": " ".join(map(str, r["widths"])),
         "decode steps": r["decode_steps"], "compile s": f"{r['compile_seconds']:.1f}",
-        "steady s": f"{r['steady_seconds']:.1f}", "answers equal": r["answers_equal_first"],
+        "steady s": f"{r['steady_seconds']:.1f}",
+        # A step decodes every row of its batch, the last batch's filler rows too.
+        "ms per row-step": f"{1000 * r['steady_seconds'] / (r['decode_steps'] * r['batch_size']):.2f}",
+        "answers equal": r["answers_equal_first"],
     } for r in raw]
     write_summary(Path(args.out), "generate_width", rows, raw)
 
@@ -82,12 +92,15 @@ def main() -> None:
         p.add_argument("--preset", required=True)
         p.add_argument("--test", required=True)
         p.add_argument("--out", required=True)
-        p.add_argument("--batch-size", type=int, default=25)
+        p.add_argument("--batch-sizes", type=int, nargs="+", default=[25])
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--prompt-format", default="plain")
+        # An adapter of the main job (results/finetune/...): its evaluation runs with LoRA enabled, as the job's does.
+        p.add_argument("--adapter")
         p.add_argument("--multiples", type=int, nargs="+", default=[64, 16, 8])
     sub.choices["run"].add_argument("--repeats", type=int, default=2)
     sub.choices["worker"].add_argument("--pad-multiple", type=int, required=True)
+    sub.choices["worker"].add_argument("--batch-size", type=int, required=True)
     sub.choices["worker"].add_argument("--repeat", type=int, required=True)
     add_summarize(sub)
     args = parser.parse_args()
