@@ -25,6 +25,7 @@ import filecmp
 import tempfile
 from pathlib import Path
 
+import lorastudy  # noqa: F401 - JAX as Keras's backend, before any keras import
 from benchmarks.harness import add_summarize, emit, read_records, run_worker, software, write_summary
 
 

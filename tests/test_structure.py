@@ -65,3 +65,22 @@ def test_nothing_outside_the_tests_edits_sys_path():
     """Benchmarks run as `python -m benchmarks.<driver>` and import the package and each other normally."""
     editing = [str(p.relative_to(REPO)) for p in CODE if "sys.path" in p.read_text()]
     assert not editing, f"sys.path edited in {editing}"
+
+
+def test_benchmarks_that_use_keras_choose_jax_before_keras_loads():
+    """Keras reads its backend once, when first imported: `import keras_hub` before lorastudy would measure TensorFlow."""
+    import ast
+
+    late = []
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        uses_keras = any(
+            isinstance(node, (ast.Import, ast.ImportFrom))
+            and any(name.split(".")[0] in ("keras", "keras_hub") for name in [getattr(node, "module", None) or "", *(a.name for a in node.names)])
+            for node in ast.walk(tree)
+        )
+        top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        chooses = any((getattr(n, "module", None) or "").startswith("lorastudy") or any(a.name.startswith("lorastudy") for a in n.names) for n in top)
+        if uses_keras and not chooses:
+            late.append(path.name)
+    assert not late, f"benchmarks that import Keras without importing lorastudy (which sets KERAS_BACKEND=jax) at the top: {late}"
