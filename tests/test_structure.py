@@ -71,16 +71,19 @@ def test_benchmarks_that_use_keras_choose_jax_before_keras_loads():
     """Keras reads its backend once, when first imported: `import keras_hub` before lorastudy would measure TensorFlow."""
     import ast
 
+    def imported(nodes) -> set[str]:
+        """The top-level packages the import statements among `nodes` name."""
+        names = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        return names
+
     late = []
     for path in sorted((REPO / "benchmarks").glob("*.py")):
         tree = ast.parse(path.read_text())
-        uses_keras = any(
-            isinstance(node, (ast.Import, ast.ImportFrom))
-            and any(name.split(".")[0] in ("keras", "keras_hub") for name in [getattr(node, "module", None) or "", *(a.name for a in node.names)])
-            for node in ast.walk(tree)
-        )
-        top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-        chooses = any((getattr(n, "module", None) or "").startswith("lorastudy") or any(a.name.startswith("lorastudy") for a in n.names) for n in top)
-        if uses_keras and not chooses:
+        if imported(ast.walk(tree)) & {"keras", "keras_hub"} and "lorastudy" not in imported(tree.body):
             late.append(path.name)
     assert not late, f"benchmarks that import Keras without importing lorastudy (which sets KERAS_BACKEND=jax) at the top: {late}"
