@@ -254,7 +254,7 @@ def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
     shared = getattr(lm.backbone, "num_kv_shared_layers", 0) if architecture == "gemma4" else 0
     assert len(lora_layers(lm.backbone)) == len(TARGETS) * sizes(lm.backbone).layers - 2 * shared
     expected = _logits(lm)
-    peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft", base_model_name_or_path=str(hf_dir))
+    peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft", base_model_name_or_path=str(hf_dir), hf_class="causal_lm")
 
     name, plain, actual = transformers_logits(hf_dir, tmp_path / "peft", TOKENS)
     assert name == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM",
@@ -262,6 +262,54 @@ def test_peft_export_on_transformers_gives_kerashubs_logits(preset, tmp_path):
     np.testing.assert_allclose(plain, _logits(load_causal_lm(keras_preset)), rtol=1e-4, atol=1e-4)
     assert np.abs(actual - plain).max() > 1e-2
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def multimodal_twin(text_dir, dest) -> None:
+    """transformers' multimodal class of a text checkpoint's architecture, with its weights and a tiny vision tower, saved to `dest`.
+
+    It is what `AutoModelForCausalLM` loads Google's Gemma 3 4B and Gemma 4
+    checkpoints as: the text decoder under `model.language_model`, and a
+    vision tower whose attention has q_proj ... o_proj of its own.
+    """
+    import torch
+    import transformers
+
+    text = transformers.AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
+    if text.config.model_type == "gemma3_text":
+        vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                 image_size=28, patch_size=14)
+        config = transformers.Gemma3Config(text_config=text.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    else:
+        vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        config = transformers.Gemma4Config(text_config=text.config.to_dict(), vision_config=vision.to_dict(), audio_config=None)
+    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.model.language_model.load_state_dict(text.model.state_dict(), strict=True)
+    model.save_pretrained(dest)
+
+
+@pytest.mark.parametrize("architecture", ["gemma3", "gemma4"])
+def test_peft_export_for_a_multimodal_checkpoint_adapts_its_text_decoder_only(architecture, tiny_data, tmp_path):
+    keras_preset = tmp_path / "keras"
+    prepare_model(architecture, {"source": "tiny", "tiny": SHAPES[architecture]}, keras_preset, train_path=tiny_data["train"], sequence_length=64)
+    load_causal_lm(keras_preset).backbone.export_to_transformers(str(tmp_path / "hf"))
+    if architecture == "gemma4":
+        proportional_rope(tmp_path / "hf" / "config.json")
+    multimodal_twin(tmp_path / "hf", tmp_path / "multimodal")
+    lm = load_causal_lm(keras_preset)
+    random_adapter(lm.backbone, tmp_path / "adapter.lora.h5")
+    expected = _logits(lm)
+    config = peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft", hf_class="conditional_generation")
+    assert all(m.startswith("model.language_model.layers.") for m in config["target_modules"])
+
+    name, plain, actual = transformers_logits(tmp_path / "multimodal", tmp_path / "peft", TOKENS)
+    assert name == {"gemma3": "Gemma3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration"}[architecture]
+    assert np.abs(actual - plain).max() > 1e-2
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+    # Exported for the text-only class, the adapter names no module of the multimodal model, and PEFT says so
+    # (with short target names it adapted the vision tower and left the decoder's LoRA at its initialisation).
+    peft_adapter(keras_preset, tmp_path / "adapter.lora.h5", tmp_path / "peft_text", hf_class="causal_lm")
+    with pytest.raises(ValueError, match="not found in the base model"):
+        transformers_logits(tmp_path / "multimodal", tmp_path / "peft_text", TOKENS)
 
 
 SPLIT = """

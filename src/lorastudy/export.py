@@ -4,9 +4,13 @@
   (alpha / rank) · A·B added in, saved with `save_to_preset`, so plain
   `from_preset` loads the fine-tuned model with no LoRA code.
 - A PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) with
-  the tensor names and shapes PEFT expects for transformers' Gemma,
-  Gemma2, Gemma3 (text), Gemma3n (text) and Gemma4 causal LMs, which name
-  their modules alike.
+  the tensor names and shapes PEFT expects for transformers' Gemma 1 to 4
+  and Gemma 3n, which name their modules alike. Where the decoder layers
+  sit depends on the class the checkpoint loads as (`HF_LAYERS`): a
+  text-only causal LM, or a multimodal one (what `AutoModelForCausalLM`
+  gives for Gemma 3 4B and up, Gemma 3n and Gemma 4), whose vision tower
+  has modules of the same short names. So the adapter names every module
+  it adapts by its whole path, and PEFT adds LoRA to the text decoder only.
 
 KerasHub's LoRA factors follow its kernels' head axes. For the query, key and
 value projections (kernel [heads, hidden, head_dim]) A is per head
@@ -31,7 +35,7 @@ import numpy as np
 from lorastudy.backbones import target_name, unused_layers
 from lorastudy.io import atomic_dir
 from lorastudy.lora import LoraSpec, load_adapter, lora_layers
-from lorastudy.presets import load_causal_lm
+from lorastudy.presets import architecture, load_causal_lm
 from lorastudy.internals import sublayers
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,12 @@ HF_MODULES = {
     "ffw_gating_2": "mlp.up_proj",
     "ffw_linear": "mlp.down_proj",
 }
+# Where transformers keeps the decoder layers: Gemma*ForCausalLM, Gemma*ForConditionalGeneration.
+HF_LAYERS = {"causal_lm": "model.layers", "conditional_generation": "model.language_model.layers"}
+# The class `AutoModelForCausalLM` loads a Google checkpoint of each architecture as (Gemma 3:
+# 270M and 1B; its 4B and up are multimodal, so their config says so: models.<name>.hf_class).
+HF_CLASS = {"gemma": "causal_lm", "gemma2": "causal_lm", "gemma3": "causal_lm",
+            "gemma3n": "conditional_generation", "gemma4": "conditional_generation"}
 PER_HEAD_IN = ("btd,ndh->btnh", "bsd,kdh->bskh")  # query; key and value
 PER_HEAD_OUT = ("btnh,nhd->btd",)  # attention output
 
@@ -117,19 +127,23 @@ def peft_adapter(
     adapter: str | os.PathLike,
     dest: str | os.PathLike,
     base_model_name_or_path: str | None = None,
+    hf_class: str | None = None,
 ) -> dict[str, Any]:
-    """Write the adapter in PEFT's format; returns its adapter_config."""
+    """Write the adapter in PEFT's format for transformers' `hf_class` (default: by architecture, `HF_CLASS`); returns its adapter_config."""
     from safetensors.numpy import save_file
 
     tuned = load_causal_lm(preset)
+    hf_class = hf_class or HF_CLASS[architecture(tuned.backbone)]
+    if hf_class not in HF_LAYERS:
+        raise ExportError(f"hf_class {hf_class!r}: expected one of {sorted(HF_LAYERS)}")
     if getattr(tuned.backbone, "vision_encoder", None) is not None:
-        # transformers nests such a model's layers under language_model; untested here, so refused.
+        # Its vision encoder's layers would need names of their own in the adapter; untested here, so refused.
         raise ExportError(
             f"{preset}: a Gemma 3 with its vision encoder has no PEFT export here; "
             "train on the text-only preset (e.g. gemma3_4b_text)"
         )
     spec: LoraSpec = load_adapter(tuned.backbone, adapter)
-    tensors, ranks, alphas = {}, {}, {}
+    tensors, ranks, alphas, modules = {}, {}, {}, []
     unused = {id(layer) for layer in unused_layers(tuned.backbone)}
     for layer in lora_layers(tuned.backbone):
         if id(layer) in unused:
@@ -138,9 +152,9 @@ def peft_adapter(
         if module is None:
             raise ExportError(f"layer {layer.path}: no transformers Gemma module corresponds to {layer.name!r}")
         lora_a, lora_b, alpha = peft_factors(layer, spec.scale)
-        prefix = f"base_model.model.model.layers.{_decoder_index(layer)}.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lora_a)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        modules.append(f"{HF_LAYERS[hf_class]}.{_decoder_index(layer)}.{module}")
+        tensors[f"base_model.model.{modules[-1]}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[f"base_model.model.{modules[-1]}.lora_B.weight"] = np.ascontiguousarray(lora_b)
         short = module.split(".")[-1]
         ranks.setdefault(short, lora_a.shape[0])
         alphas.setdefault(short, alpha)
@@ -150,7 +164,8 @@ def peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": spec.rank,
         "lora_alpha": spec.alpha if spec.alpha is not None else spec.rank,
-        "target_modules": sorted(ranks),
+        # Whole paths: a short name would also match a vision tower's modules (and Gemma 3n's unused ones).
+        "target_modules": sorted(modules),
         # Per-head factors convert at rank heads x rank (see the module docstring).
         "rank_pattern": ranks,
         "alpha_pattern": alphas,
@@ -199,7 +214,8 @@ def export_run(
     merged_dest: str | os.PathLike,
     peft_dest: str | os.PathLike,
     base_model_name_or_path: str | None = None,
+    hf_class: str | None = None,
 ) -> None:
     """Both exports of one run."""
     merged_preset(preset, adapter, merged_dest)
-    peft_adapter(preset, adapter, peft_dest, base_model_name_or_path)
+    peft_adapter(preset, adapter, peft_dest, base_model_name_or_path, hf_class)

@@ -18,6 +18,7 @@ rule export:
         base_model_name_or_path=lambda wildcards: config["models"][
             wildcards.model
         ].get("hf_name"),
+        hf_class=lambda wildcards: config["models"][wildcards.model].get("hf_class"),
     script:
         "../scripts/export.py"
 
