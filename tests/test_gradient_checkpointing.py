@@ -41,8 +41,9 @@ def test_a_checkpointed_run_trains_the_adapter_of_a_plain_one(tiny_preset, tiny_
         adapters[checkpointing] = [run.adapter_paths[0], alone / "adapter_epoch1.lora.h5"]
     for plain, checkpointed in zip(adapters[False], adapters[True]):
         for (a, b), (a2, b2) in zip(factors(tiny_preset, plain), factors(tiny_preset, checkpointed), strict=True):
-            np.testing.assert_allclose(a2, a, rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(b2, b, rtol=1e-5, atol=1e-7)
+            # Rematerialized, the float32 sums run in another order: CI saw 2e-7 on a B entry of 6e-3.
+            np.testing.assert_allclose(a2, a, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b2, b, rtol=1e-5, atol=1e-6)
             assert np.abs(b).max() > 0
 
 

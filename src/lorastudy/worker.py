@@ -183,16 +183,14 @@ def _start(path: Path, leader: int, gpus: int) -> tuple[Connection, int]:
             pass_fds=slots, start_new_session=True,
         )
     started = time.monotonic()
-    while not path.exists():
+    # The socket file appears when the worker binds it, a moment before it listens: until then a connection is refused.
+    while (found := _connect(path) if path.exists() else None) is None:
         if process.poll() is not None:
             raise WorkerError(f"worker {process.pid} exited with status {process.returncode} while starting ({_log_of(process.pid)})")
         if time.monotonic() - started > START_SECONDS:
             process.kill()
             raise WorkerError(f"worker {process.pid} did not start within {START_SECONDS:.0f} s ({_log_of(process.pid)})")
         time.sleep(0.02)
-    found = _connect(path)
-    if found is None:
-        raise WorkerError(f"worker {process.pid} does not answer ({_log_of(process.pid)})")
     return found
 
 
