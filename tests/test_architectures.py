@@ -287,14 +287,11 @@ def multimodal_twin(text_dir, dest) -> None:
     model.save_pretrained(dest)
 
 
-@pytest.mark.parametrize("architecture", ["gemma3", "gemma4"])
-def test_peft_export_for_a_multimodal_checkpoint_adapts_its_text_decoder_only(architecture, tiny_data, tmp_path):
-    keras_preset = tmp_path / "keras"
-    prepare_model(architecture, {"source": "tiny", "tiny": SHAPES[architecture]}, keras_preset, train_path=tiny_data["train"], sequence_length=64)
-    load_causal_lm(keras_preset).backbone.export_to_transformers(str(tmp_path / "hf"))
-    if architecture == "gemma4":
-        proportional_rope(tmp_path / "hf" / "config.json")
-    multimodal_twin(tmp_path / "hf", tmp_path / "multimodal")
+@pytest.mark.parametrize("preset", ["gemma3", "gemma4"], indirect=True)
+def test_peft_export_for_a_multimodal_checkpoint_adapts_its_text_decoder_only(preset, tmp_path):
+    architecture, path = preset
+    keras_preset, hf_dir = twins(path, architecture, tmp_path)
+    multimodal_twin(hf_dir, tmp_path / "multimodal")
     lm = load_causal_lm(keras_preset)
     random_adapter(lm.backbone, tmp_path / "adapter.lora.h5")
     expected = _logits(lm)

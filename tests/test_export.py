@@ -82,7 +82,7 @@ def test_peft_adapter_on_transformers_gemma_gives_the_same_logits(tiny_preset, a
     load_causal_lm(tiny_preset).backbone.export_to_transformers(str(tmp_path / "hf_base"))
     config = peft_adapter(tiny_preset, path, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf_base"))
     assert {m.split(".", 3)[3] for m in config["target_modules"]} == {
-        f"{kind}.{name}" for kind, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for name in [f"{n}_proj" for n in names]}
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert {m.rsplit(".", 3)[0] for m in config["target_modules"]} == {"model.layers"}
     assert config["rank_pattern"]["q_proj"] == 2 * 4 and config["rank_pattern"]["o_proj"] == 4
     _, plain, actual = transformers_logits(tmp_path / "hf_base", tmp_path / "peft", TOKENS)
