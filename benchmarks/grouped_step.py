@@ -17,6 +17,14 @@ its steady ms per step and tokens/s:
 - `wave_k`: as `stacked_k`, called as `stacked_wave.Wave` calls it: the
   ahead-compiled program, a host batch each step.
 
+`compile` measures what a grouped job pays per batch width before its first
+step: the k-adapter training and validation steps at each width, lowered
+and compiled with each set of XLA options (`OPTIONS`: XLA's defaults, GEMM
+autotuning off, Triton's GEMMs off as the study compiles them), and each compiled program's steady
+ms/step, so that a faster compile can be weighed against slower steps:
+
+    python -m benchmarks.grouped_step compile --model gemma_2b --adapters 9 --widths 80 144 256 --out DIR
+
 Every variant sees the same batches (one padded or packed row per example,
 all tokens weighted: the loss's heaviest case).
 """
@@ -30,6 +38,7 @@ from pathlib import Path
 import lorastudy  # noqa: F401 - JAX as Keras's backend, and a quiet start, before any keras import
 from benchmarks.gemma_shapes import lora_gemma, random_examples
 from benchmarks.harness import add_summarize, emit, gpu_name, jax_peak, read_records, write_summary
+from lorastudy.stacked_step import XLA_OPTIONS
 
 
 def _timed(step, args, steps: int, warm: int = 3) -> float:
@@ -117,6 +126,63 @@ def measure(args) -> None:
         record(f"wave_{k}", _timed(_feeder(compiled, frozen, host, host=True), fresh(k), args.steps), k)
 
 
+# XLA options a compile may take (`Lowered.compile`), by name: `triton_gemm_off`
+# is what the grouped trainer compiles with (`stacked_step.XLA_OPTIONS`). XLA
+# keeps each GEMM's autotuning result for the life of the process, so `compile`
+# runs them in this order at each width: the options that autotune less first.
+OPTIONS = {
+    "autotune_off": {"xla_gpu_autotune_level": "0"},
+    "triton_gemm_off": XLA_OPTIONS,
+    "default": {},
+}
+
+
+def compile_costs(args) -> None:
+    """Per width and option set: compile seconds of the k-adapter training and validation steps, and their steady ms/step."""
+    import jax
+    import jax.numpy as jnp
+
+    from lorastudy.finetune import Batches
+    from lorastudy.stacked_step import run_steps, without_fused_attention
+    from lorastudy.training import TrainSettings, compile_for_training, make_optimizer
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    out, k = Path(args.out), args.adapters[0]
+    causal_lm = lora_gemma(args.model, args.rank)
+    without_fused_attention(causal_lm.backbone)
+    settings = TrainSettings(sequence_length=max(args.widths), batch_size=args.batch, length_bucketing=False)
+    model = compile_for_training(causal_lm, settings, total_steps=10_000)
+    optimizer = make_optimizer(settings, 10_000)
+    optimizer.build(model.trainable_variables)
+    frozen = [v.value for v in model.non_trainable_variables]
+    # As `stacked_steps` maps them, without its compiler options: each compile here names its own.
+    train_one, validate_one = run_steps(model, optimizer)
+    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
+    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)))
+
+    def fresh():
+        stacked = lambda v: jnp.broadcast_to(v.value, (k, *v.shape)) + 0  # noqa: E731
+        return [stacked(v) for v in model.trainable_variables], [stacked(v) for v in optimizer.variables], jnp.ones((k,), bool)
+
+    for width in args.widths:
+        examples = random_examples([width] * args.batch, causal_lm.backbone.vocabulary_size)
+        batch = Batches(examples, [width], args.batch, 0)[0][0]
+        host = _stack(batch, k)
+        for name in args.options:
+            began = time.perf_counter()
+            trainer = train.lower(*fresh(), frozen, host).compile(OPTIONS[name])
+            train_compile = time.perf_counter() - began
+            trainable = fresh()[0]
+            began = time.perf_counter()
+            validator = validate.lower(trainable, frozen, batch).compile(OPTIONS[name])
+            validation_compile = time.perf_counter() - began
+            train_s = _timed(_feeder(trainer, frozen, [host], host=True), fresh(), args.steps)
+            validation_s = _timed(lambda *a: (validator(trainable, frozen, batch),), (None,), args.steps)
+            emit(out, phase="compile", model=args.model, rank=args.rank, adapters=k, width=width, batch=args.batch,
+                 options=name, train_compile_seconds=train_compile, validation_compile_seconds=validation_compile,
+                 train_ms_per_step=1e3 * train_s, validation_ms_per_step=1e3 * validation_s, gpu=gpu_name())
+
+
 def _stack(batch: dict, k: int) -> dict:
     import numpy as np
 
@@ -138,6 +204,22 @@ def summarize(args) -> None:
             "peak GB": f"{r['peak_device_memory_bytes'] / 1e9:.1f}" if r.get("peak_device_memory_bytes") else "",
         })
     write_summary(Path(args.out), "grouped_step", rows, raw)
+    compiles = [r for r in read_records(args.results) if r["phase"] == "compile"]
+    if compiles:
+        write_summary(Path(args.out), "grouped_step_compile", [_compile_row(r, compiles) for r in compiles], compiles)
+
+
+def _compile_row(r: dict, records: list[dict]) -> dict:
+    """One compile record, with its steps' time against XLA's defaults at the same width."""
+    default = next(p for p in records if p["options"] == "default" and (p["run"], p["width"]) == (r["run"], r["width"]))
+    return {
+        "run": r["run"], "model": r["model"], "adapters x batch x width": f"{r['adapters']}x{r['batch']}x{r['width']}",
+        "options": r["options"], "train compile s": f"{r['train_compile_seconds']:.1f}",
+        "validation compile s": f"{r['validation_compile_seconds']:.1f}", "train ms/step": f"{r['train_ms_per_step']:.1f}",
+        "validation ms/step": f"{r['validation_ms_per_step']:.1f}",
+        "train step vs default": f"{r['train_ms_per_step'] / default['train_ms_per_step']:.3f}",
+        "validation step vs default": f"{r['validation_ms_per_step'] / default['validation_ms_per_step']:.3f}",
+    }
 
 
 def main() -> None:
@@ -151,9 +233,18 @@ def main() -> None:
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 4])
     p.add_argument("--packing", action="store_true", help="packed rows, attention within each record (train.packing)")
     p.add_argument("--out", required=True)
+    c = sub.add_parser("compile")
+    c.add_argument("--model", default="gemma_2b")
+    c.add_argument("--rank", type=int, default=16, help="the group's largest rank, which every adapter is padded to")
+    c.add_argument("--adapters", type=int, nargs=1, default=[9])
+    c.add_argument("--batch", type=int, default=4)
+    c.add_argument("--widths", type=int, nargs="+", default=[80, 144, 256])
+    c.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
+    c.add_argument("--steps", type=int, default=20)
+    c.add_argument("--out", required=True)
     add_summarize(sub)
     args = parser.parse_args()
-    {"run": measure, "summarize": summarize}[args.command](args)
+    {"run": measure, "compile": compile_costs, "summarize": summarize}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,15 @@ times taller.
 """
 
 from __future__ import annotations
+
 from lorastudy import internals
+
+# XLA options of both steps. Without Triton's GEMMs, XLA autotunes only cuBLAS's
+# algorithms for each matrix product: on an H200, 9 adapters of Gemma 2B's shape
+# compile in 8-11 s a width instead of 15-16 s, and step as fast (within 2%;
+# benchmarks/results/grouped_step_compile.csv). A grid pays this compile for each
+# width of each cell; a CPU ignores the option.
+XLA_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def without_fused_attention(backbone) -> None:
@@ -36,8 +44,8 @@ def stacked_steps(model, optimizer):
     import jax
 
     train_one, validate_one = run_steps(model, optimizer)
-    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
-    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)))
+    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1), compiler_options=XLA_OPTIONS)
+    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)), compiler_options=XLA_OPTIONS)
     return train, validate
 
 
