@@ -269,3 +269,16 @@ def test_config_readme_lists_every_key_as_the_schema_has_it(tmp_path):
     assert write_keys(stale, SCHEMA) and not write_keys(stale, SCHEMA)
     text = stale.read_text()
     assert text.startswith("intro\n") and text.endswith("after\n") and "| `train.stack_size` |" in text
+
+
+def test_pinned_batch_widths_must_end_at_each_models_sequence_length():
+    config = minimal()
+    config["train"] = {"batch_widths": [64, 128]}
+    with pytest.raises(ConfigError, match=r"train.batch_widths: the widest, 128, must be the sequence length of tiny, 256"):
+        validate_config(config, SCHEMA)
+    config = minimal()
+    config["models"]["tiny"]["train"] = {"sequence_length": 128, "batch_widths": [64, 96]}
+    with pytest.raises(ConfigError, match=r"models.tiny.train.batch_widths: the widest, 96, must be the sequence length of tiny, 128"):
+        validate_config(config, SCHEMA)
+    config["models"]["tiny"]["train"]["batch_widths"] = [96, 64, 128]
+    validate_config(config, SCHEMA)

@@ -225,3 +225,43 @@ def test_a_wave_checkpoint_killed_between_its_writes_resumes_from_the_complete_e
     assert epoch == 1 and state["history"] == [1]
     np.testing.assert_array_equal(arrays[0], np.ones(3))
     assert checkpoints.WaveCheckpoint(tmp_path, "another key").restore() is None
+
+
+# Two grouped jobs in one process, as the resident worker runs a grid's: each
+# subset's, sharing one compilation cache; prints the step programs cached after each.
+PINNED_JOBS = """
+import json, sys
+from pathlib import Path
+from lorastudy.paths import group_runs
+from lorastudy.prompts import DEFAULT_TEMPLATE
+from lorastudy.stacked import GroupRun, finetune_group
+preset, val, cache, out, *subsets = sys.argv[1:]
+settings = {"learning_rate": 5e-3, "batch_size": 4, "sequence_length": 64, "batch_widths": [32, 48, 64]}
+report = []
+for train in subsets:
+    root = Path(out) / Path(train).stem
+    runs = [GroupRun(**{**r, **{k: [str(root / p) for p in v] if isinstance(v, list) else str(root / v)
+                                for k, v in r.items() if k.endswith(("_path", "_paths"))}})
+            for r in group_runs("m", "s", [(2, 0), (4, 1)], 1)]
+    stats = finetune_group(preset, train, val, runs, DEFAULT_TEMPLATE, root / "ck", settings, compilation_cache={"dir": cache})
+    steps = sorted(p.name for p in Path(cache).glob("jit_*_one-*-cache"))
+    report.append({"widths": stats[0]["batch_widths"], "step_programs": steps})
+print(json.dumps(report))
+"""
+
+
+def test_pinned_widths_let_a_smaller_subset_reuse_the_step_programs(tiny_preset, tiny_data, tmp_path):
+    """train.batch_widths: a job on another subset trains at the same widths and compiles no step program of its own."""
+    import subprocess
+    import sys
+
+    records = Path(tiny_data["train"]).read_text().splitlines()
+    smaller = tmp_path / "train_16.jsonl"
+    smaller.write_text("\n".join(records[:16]) + "\n")
+    args = [tiny_preset, tiny_data["val"], tmp_path / "cache", tmp_path / "out", tiny_data["train"], smaller]
+    done = subprocess.run([sys.executable, "-c", PINNED_JOBS, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first["widths"] == second["widths"] == [32, 48, 64]
+    assert any(name.startswith("jit_train_one") for name in first["step_programs"])
+    assert second["step_programs"] == first["step_programs"]

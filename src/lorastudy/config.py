@@ -66,6 +66,7 @@ def validate_config(config: MutableMapping[str, Any], schema_path: str | os.Path
     check_base_models(config)
     check_grouped_jobs(config)
     check_quantize(config)
+    check_batch_widths(config)
     check_export(config)
     check_protocol(config)
     resolve_prompts(config)
@@ -232,6 +233,19 @@ def check_quantize(config: MutableMapping[str, Any]) -> None:
     ]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def check_batch_widths(config: MutableMapping[str, Any]) -> None:
+    """Pinned batch widths end at each model's sequence length: records are cut to it, and the widest width holds them."""
+    problems = set()
+    for model in config["grid"]["models"]:
+        train = model_settings(config, model, "train")
+        widths = train.get("batch_widths", "auto")
+        if widths != "auto" and max(widths) != train["sequence_length"]:
+            where = f"models.{model}.train" if "batch_widths" in config["models"][model].get("train", {}) else "train"
+            problems.add(f"  {where}.batch_widths: the widest, {max(widths)}, must be the sequence length of {model}, {train['sequence_length']}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(sorted(problems)))
 
 
 def _train_sections(config: MutableMapping[str, Any], models) -> list[tuple[str, Mapping[str, Any]]]:

@@ -45,6 +45,7 @@ class TrainSettings:
     length_bucketing: bool = True
     packing: bool = False
     pad_multiple: int = 16
+    batch_widths: tuple[int, ...] | str = "auto"
     compile_seconds_per_width: float | str = "auto"
     expected_tokens_per_second: float | str = "auto"
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -57,6 +58,10 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.batch_widths != "auto":
+            object.__setattr__(self, "batch_widths", tuple(sorted(self.batch_widths)))
+            if self.batch_widths[-1] != self.sequence_length:
+                raise ValueError(f"train.batch_widths: the widest, {self.batch_widths[-1]}, must be train.sequence_length, {self.sequence_length}")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,7 +80,8 @@ WIDTH_COSTS = {"gpu": (15.0, 40000.0), "cpu": (20.0, 300.0)}
 
 
 def bucket_widths(settings: TrainSettings, train: Sequence[Example], val: Sequence[Example], epochs: int, runs: int = 1) -> list[int]:
-    """The batch widths of a run: one (the sequence length) with packing or without bucketing, else chosen by cost.
+    """The batch widths of a run: one (the sequence length) with packing or without bucketing, else
+    `train.batch_widths` where the config pins them, else chosen by cost.
 
     `runs` adapters trained side by side share each width's programs and
     pay each padded token together. Validation is batched with the same
@@ -86,6 +92,8 @@ def bucket_widths(settings: TrainSettings, train: Sequence[Example], val: Sequen
     s = settings
     if s.packing or not s.length_bucketing:
         return [s.sequence_length]
+    if s.batch_widths != "auto":
+        return list(s.batch_widths)
     compile_seconds, tokens_per_second = WIDTH_COSTS.get(jax.default_backend(), WIDTH_COSTS["gpu"])
     if s.compile_seconds_per_width != "auto":
         compile_seconds = float(s.compile_seconds_per_width)
