@@ -73,7 +73,6 @@ def _feeder(program, frozen, batches, host: bool):
 
 def measure(args) -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from lorastudy.finetune import Batches
@@ -104,12 +103,7 @@ def measure(args) -> None:
     optimizer = make_optimizer(settings, 10_000)
     optimizer.build(model.trainable_variables)
     frozen = [v.value for v in model.non_trainable_variables]
-
-    def fresh(k: int | None):
-        """New copies (the steps donate them) of the factors, optimizer state and `alive`: k stacked, or one unstacked (None)."""
-        copy = (lambda v: v.value + 0) if k is None else (lambda v: jnp.broadcast_to(v.value, (k, *v.shape)) + 0)  # noqa: E731
-        alive = jnp.bool_(True) if k is None else jnp.ones((k,), bool)
-        return [copy(v) for v in model.trainable_variables], [copy(v) for v in optimizer.variables], alive
+    fresh = lambda k: _fresh(model, optimizer, k)  # noqa: E731
 
     for variant in ("run_fused", "run_xla"):
         if variant == "run_xla":
@@ -137,13 +131,21 @@ OPTIONS = {
 }
 
 
+def _fresh(model, optimizer, k: int | None):
+    """New copies (the steps donate them) of the factors, optimizer state and `alive`: k stacked, or one unstacked (None)."""
+    import jax.numpy as jnp
+
+    copy = (lambda v: v.value + 0) if k is None else (lambda v: jnp.broadcast_to(v.value, (k, *v.shape)) + 0)  # noqa: E731
+    alive = jnp.bool_(True) if k is None else jnp.ones((k,), bool)
+    return [copy(v) for v in model.trainable_variables], [copy(v) for v in optimizer.variables], alive
+
+
 def compile_costs(args) -> None:
     """Per width and option set: compile seconds of the k-adapter training and validation steps, and their steady ms/step."""
     import jax
-    import jax.numpy as jnp
 
     from lorastudy.finetune import Batches
-    from lorastudy.stacked_step import run_steps, without_fused_attention
+    from lorastudy.stacked_step import stacked_steps, without_fused_attention
     from lorastudy.training import TrainSettings, compile_for_training, make_optimizer
 
     jax.config.update("jax_enable_compilation_cache", False)
@@ -155,14 +157,9 @@ def compile_costs(args) -> None:
     optimizer = make_optimizer(settings, 10_000)
     optimizer.build(model.trainable_variables)
     frozen = [v.value for v in model.non_trainable_variables]
-    # As `stacked_steps` maps them, without its compiler options: each compile here names its own.
-    train_one, validate_one = run_steps(model, optimizer)
-    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
-    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)))
-
-    def fresh():
-        stacked = lambda v: jnp.broadcast_to(v.value, (k, *v.shape)) + 0  # noqa: E731
-        return [stacked(v) for v in model.trainable_variables], [stacked(v) for v in optimizer.variables], jnp.ones((k,), bool)
+    # The trainer's steps without its compiler options: each compile here names its own.
+    train, validate = stacked_steps(model, optimizer, compiler_options=None)
+    fresh = lambda: _fresh(model, optimizer, k)  # noqa: E731
 
     for width in args.widths:
         examples = random_examples([width] * args.batch, causal_lm.backbone.vocabulary_size)

@@ -31,7 +31,7 @@ def without_fused_attention(backbone) -> None:
     internals.without_fused_attention(backbone)
 
 
-def stacked_steps(model, optimizer):
+def stacked_steps(model, optimizer, compiler_options: dict | None = XLA_OPTIONS):
     """The jitted training and validation steps of one run, mapped over a leading adapter axis.
 
     Training: (trainable, optimizer state, alive, frozen, batch) ->
@@ -40,12 +40,13 @@ def stacked_steps(model, optimizer):
     An adapter whose loss is not finite keeps its weights and state from
     then on (`alive` turns false). Validation: (trainable, frozen, batch) ->
     [loss, correct, tokens] per adapter, for one batch shared by all.
+    `compiler_options`: XLA's options for both (`XLA_OPTIONS` by default).
     """
     import jax
 
     train_one, validate_one = run_steps(model, optimizer)
-    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1), compiler_options=XLA_OPTIONS)
-    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)), compiler_options=XLA_OPTIONS)
+    train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1), compiler_options=compiler_options)
+    validate = jax.jit(jax.vmap(validate_one, in_axes=(0, None, None)), compiler_options=compiler_options)
     return train, validate
 
 
