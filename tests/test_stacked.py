@@ -227,23 +227,19 @@ def test_a_wave_checkpoint_killed_between_its_writes_resumes_from_the_complete_e
     assert checkpoints.WaveCheckpoint(tmp_path, "another key").restore() is None
 
 
-# Two grouped jobs in one process, as the resident worker runs a grid's: each
-# subset's, sharing one compilation cache; prints the step programs cached after each.
+# Two grouped jobs in one process, as the resident worker runs a grid's, sharing
+# one compilation cache; prints the step programs cached after each. A job is
+# (training file, checkpoint dir, its runs as `group` gives them).
 PINNED_JOBS = """
 import json, sys
 from pathlib import Path
-from lorastudy.paths import group_runs
 from lorastudy.prompts import DEFAULT_TEMPLATE
-from lorastudy.stacked import GroupRun, finetune_group
-preset, val, cache, out, *subsets = sys.argv[1:]
+from lorastudy.stacked import finetune_group
+preset, val, cache, jobs = sys.argv[1:]
 settings = {"learning_rate": 5e-3, "batch_size": 4, "sequence_length": 64, "batch_widths": [32, 48, 64]}
 report = []
-for train in subsets:
-    root = Path(out) / Path(train).stem
-    runs = [GroupRun(**{**r, **{k: [str(root / p) for p in v] if isinstance(v, list) else str(root / v)
-                                for k, v in r.items() if k.endswith(("_path", "_paths"))}})
-            for r in group_runs("m", "s", [(2, 0), (4, 1)], 1)]
-    stats = finetune_group(preset, train, val, runs, DEFAULT_TEMPLATE, root / "ck", settings, compilation_cache={"dir": cache})
+for train, checkpoints, runs in json.loads(jobs):
+    stats = finetune_group(preset, train, val, runs, DEFAULT_TEMPLATE, checkpoints, settings, compilation_cache={"dir": cache})
     steps = sorted(p.name for p in Path(cache).glob("jit_*_one-*-cache"))
     report.append({"widths": stats[0]["batch_widths"], "step_programs": steps})
 print(json.dumps(report))
@@ -252,13 +248,16 @@ print(json.dumps(report))
 
 def test_pinned_widths_let_a_smaller_subset_reuse_the_step_programs(tiny_preset, tiny_data, tmp_path):
     """train.batch_widths: a job on another subset trains at the same widths and compiles no step program of its own."""
+    import dataclasses
     import subprocess
     import sys
 
     records = Path(tiny_data["train"]).read_text().splitlines()
     smaller = tmp_path / "train_16.jsonl"
     smaller.write_text("\n".join(records[:16]) + "\n")
-    args = [tiny_preset, tiny_data["val"], tmp_path / "cache", tmp_path / "out", tiny_data["train"], smaller]
+    jobs = [(str(train), str(tmp_path / name / "ck"), [dataclasses.asdict(r) for r in group(tmp_path / name, runs=[(2, 0), (4, 1)], epochs=1)])
+            for name, train in (("all", tiny_data["train"]), ("16", smaller))]
+    args = [tiny_preset, tiny_data["val"], tmp_path / "cache", json.dumps(jobs)]
     done = subprocess.run([sys.executable, "-c", PINNED_JOBS, *map(str, args)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     first, second = json.loads(done.stdout.strip().splitlines()[-1])
