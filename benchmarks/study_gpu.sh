@@ -23,7 +23,8 @@ case $step in
     old=$(realpath "$old")
     # A step is VERSION_CACHE (mini grid) or VERSION_CACHE_paper9 / _paper3: the paper's 1k cell
     # with three seeds (9 runs) or one (3 runs); _paper5k / _paper15k: the 5k or 15k cell with
-    # three seeds; each over config/paper.yaml and paper_2b_shape.yaml.
+    # three seeds; _paper2b: the whole Gemma 2B half (all three cells, three seeds) in one run;
+    # each over config/paper.yaml and paper_2b_shape.yaml.
     for one in ${STEPS:-new_cold new_warm old_cold old_warm}; do
       IFS=_ read -r version warmth grid <<< "$one"
       cache=$scratch/jax_cache_$version
@@ -32,10 +33,11 @@ case $step in
       printf 'compilation_cache: {dir: %s}\n' "$cache" > $scratch/cache_$version.yaml
       case $grid in
         "") configs=("$checkout/benchmarks/configs/gpu_2b_shape.yaml") ;;
-        paper9|paper3|paper5k|paper15k) layer=$PWD/benchmarks/configs/paper_1k_three_seeds.yaml
+        paper9|paper3|paper5k|paper15k|paper2b) layer=$PWD/benchmarks/configs/paper_1k_three_seeds.yaml
           [ "$grid" = paper3 ] && layer=$PWD/benchmarks/configs/paper_1k_one_seed.yaml
           [ "$grid" = paper5k ] && layer=$PWD/benchmarks/configs/paper_5k_three_seeds.yaml
           [ "$grid" = paper15k ] && layer=$PWD/benchmarks/configs/paper_15k_three_seeds.yaml
+          [ "$grid" = paper2b ] && layer=$PWD/benchmarks/configs/paper_2b_three_seeds.yaml
           configs=("$checkout/config/paper.yaml" "$checkout/benchmarks/configs/paper_2b_shape.yaml" "$layer") ;;
       esac
       rm -rf $scratch/wf_$one
@@ -45,7 +47,10 @@ case $step in
       tail -n 1 $results/results.jsonl | cut -c1-300
     done
     touch $scratch/study.done ;;
-  wait) for _ in $(seq "${WAIT_ROUNDS:-100}"); do [ -f $scratch/study.done ] && break; sleep 5; done ;;
+  wait) for _ in $(seq "${WAIT_ROUNDS:-100}"); do [ -f $scratch/study.done ] && break; sleep 5; done
+    # Should the lease end first, the finished jobs' own records still come back.
+    [ -f $scratch/study.done ] || (cd $scratch && find wf_* \( -path '*/logs/benchmarks/*' -o -name train.json \
+      -o -name generate.json \) -print0 2>/dev/null | tar -czf "$out/partial.tgz" --null -T - 2>/dev/null) || true ;;
 esac
 tail -n 8 $scratch/study.out 2>/dev/null | cut -c1-400 || true
 cp -r $results/* "$out"/ 2>/dev/null || true
