@@ -272,7 +272,7 @@ def study_table(args) -> None:
     """Issue 25's study benchmark (benchmarks/study_gpu.sh): each workflow run's wall, GPU busy and jobs' split."""
     study = json.loads(Path(args.study).read_text())
     lines = ["| machine | run | wall s | GPU busy | prepare_model s | finetune jobs s | generate jobs s | "
-             "finetune: load / compile / steady train / validation s | generate: load / compile / steady s | runs side by side |",
+             "finetune jobs' load / compile / steady train / validation s | generate: load / compile / steady s | runs side by side |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in study["records"]:
         total = lambda rule: sum(j["seconds"] for j in r["spans"] if j["rule"] == rule)  # noqa: E731
@@ -280,13 +280,19 @@ def study_table(args) -> None:
         gen = [v for k, v in r["splits"].items() if k.endswith("generate.json")]
         # A grouped job's runs share one split (a run's share is the group's over its runs).
         group = lambda v: v.get("wave_seconds") or {k: v[k] for k in ("train_seconds", "train_compile_seconds", "validation_seconds")}  # noqa: E731
+        # One split per finetune job: a group's runs repeat theirs.
+        jobs = {(v["load_seconds_this_run"], json.dumps(v["wave_seconds"], sort_keys=True)) if v.get("wave_seconds") else k: v
+                for k, v in enumerate(train)}.values()
         t = train[0] if train else None
         split = "-"
         if t:
-            w = group(t)
-            compiled = w["train_compile_seconds"] + w.get("validation_compile_seconds", t["validation_compile_seconds"])
-            split = (f"{t['load_seconds_this_run']:.1f} / {compiled:.1f} / "
-                     f"{w['train_seconds'] - w['train_compile_seconds']:.1f} / {w['validation_seconds']:.1f}")
+            sums = [0.0, 0.0, 0.0, 0.0]
+            for v in jobs:
+                w = group(v)
+                compiled = w["train_compile_seconds"] + w.get("validation_compile_seconds", v["validation_compile_seconds"])
+                parts = (v["load_seconds_this_run"], compiled, w["train_seconds"] - w["train_compile_seconds"], w["validation_seconds"])
+                sums = [a + b for a, b in zip(sums, parts)]
+            split = " / ".join(f"{x:.1f}" for x in sums)
         gsplit = "-"
         if gen:
             loads = {g["load_seconds"] for g in gen}
