@@ -37,6 +37,21 @@ def pytest_configure(config):
     os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the session (subprocesses too), as the study's jobs share one.
+
+    Many tests build the same tiny models' programs again (a resumed run, the
+    run it must equal, the second control); they load them instead of
+    compiling. Tests about the cache, and the workflow's jobs, set their own.
+    """
+    import jax
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     """Dolly-shaped splits: 32 training, 8 validation, 8 test records."""

@@ -99,10 +99,9 @@ def _gain_over_base(kind: str, preset, d) -> dict[str, float]:
         rank=8, template=DEFAULT_TEMPLATE,
         settings={"learning_rate": 2e-4, "batch_size": 8, "sequence_length": 64, "pad_multiple": 16},
     )
-    settings = {"batch_size": TEST, "max_new_tokens": 16}
-    generate(preset, d / "test.jsonl", [d / "base.jsonl"], [d / "base.json"], DEFAULT_TEMPLATE, settings=settings)
-    generate(preset, d / "test.jsonl", [d / "tuned.jsonl"], [d / "tuned.json"], DEFAULT_TEMPLATE,
-             adapters=adapters[-1:], rank=8, settings=settings)
+    # One evaluation job for the base and the adapter, as the workflow's grouped jobs do.
+    generate(preset, d / "test.jsonl", [d / "base.jsonl", d / "tuned.jsonl"], [d / "base.json", d / "tuned.json"], DEFAULT_TEMPLATE,
+             adapters=adapters[-1:], rank=8, settings={"batch_size": TEST, "max_new_tokens": 16}, include_base=True)
     scores = {}
     for run in ("base", "tuned"):
         score_generations(d / f"{run}.jsonl", d / f"{run}_scores.csv", d / f"{run}_summary.json", d / f"{run}_by_category.csv")
