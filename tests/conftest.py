@@ -39,17 +39,17 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_compilation_cache(tmp_path_factory):
-    """One persistent XLA cache for the session (subprocesses too), as the study's jobs share one.
+    """One persistent XLA cache for the test process, as the study's jobs share one.
 
     Many tests build the same tiny models' programs again (a resumed run, the
     run it must equal, the second control); they load them instead of
-    compiling. Tests about the cache, and the workflow's jobs, set their own.
+    compiling. Not exported to subprocesses: JAX fixes a process's cache
+    directory at its first compilation, so a workflow job would not move to
+    the directory its config names.
     """
     import jax
 
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
 
 
 @pytest.fixture(scope="session")
