@@ -39,6 +39,25 @@ KERAS_GEMMA = {
 }
 
 
+# Gemma 4 E2B and E4B's text decoders as Google's checkpoints configure them (transformers'
+# Gemma4TextConfig's names); KerasHub's own converter gives Gemma4Backbone's arguments of the same shape.
+GEMMA4 = dict(vocab_size=262144, vocab_size_per_layer_input=262144, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=256,
+              use_double_wide_mlp=True, sliding_window=512, final_logit_softcapping=30.0,
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}})
+GEMMA4_TEXT = {
+    "gemma4_e2b": dict(GEMMA4, num_hidden_layers=35, hidden_size=1536, intermediate_size=6144, num_attention_heads=8,
+                       num_key_value_heads=1, num_kv_shared_layers=20, sliding_window_pattern=5),
+    "gemma4_e4b": dict(GEMMA4, num_hidden_layers=42, hidden_size=2560, intermediate_size=10240, num_attention_heads=8,
+                       num_key_value_heads=2, num_kv_shared_layers=18, sliding_window_pattern=6),
+    # For a dry run of this script on a CPU.
+    "gemma4_tiny": dict(GEMMA4, vocab_size=1000, vocab_size_per_layer_input=1000, head_dim=32, global_head_dim=64,
+                        hidden_size_per_layer_input=16, sliding_window=16, num_hidden_layers=6, hidden_size=64, intermediate_size=128,
+                        num_attention_heads=2, num_key_value_heads=1, num_kv_shared_layers=2, sliding_window_pattern=3),
+}
+MODELS = [*KERAS_GEMMA, *GEMMA4_TEXT]
+
+
 NEWER = ["gemma2_2b", "gemma3_1b", "gemma3_4b"]
 
 
@@ -47,12 +66,15 @@ LEARNING_RATE, WEIGHT_DECAY = 5e-5, 0.01
 
 
 def family(model: str) -> str:
-    """gemma, gemma2, gemma3 or gemma3n."""
+    """gemma, gemma2, gemma3, gemma3n or gemma4."""
     return model.split("_")[0]
 
 
 def compute_params(model: str, params: int) -> int:
-    """The parameters a token's matrix products use: Gemma 3n's per-layer embeddings are looked up, not multiplied."""
+    """The parameters a token's matrix products use: Gemma 3n and 4's per-layer embeddings are looked up, not multiplied."""
+    if family(model) == "gemma4":
+        c = GEMMA4_TEXT[model]
+        return params - c["vocab_size_per_layer_input"] * c["num_hidden_layers"] * c["hidden_size_per_layer_input"]
     if family(model) != "gemma3n":
         return params
     c = KERAS_GEMMA[model]
@@ -61,7 +83,7 @@ def compute_params(model: str, params: int) -> int:
 
 
 def vocabulary(model: str) -> int:
-    return KERAS_GEMMA[model]["vocabulary_size"]
+    return GEMMA4_TEXT[model]["vocab_size"] if family(model) == "gemma4" else KERAS_GEMMA[model]["vocabulary_size"]
 
 
 
@@ -69,6 +91,8 @@ def hf_config(model: str):
     """The same model as transformers configures it (KerasHub's GemmaBackbone, unlike Gemma3Backbone, counts both feed-forward halves)."""
     import transformers
 
+    if family(model) == "gemma4":
+        return gemma4_hf_config(model)
     c = KERAS_GEMMA[model]
     if family(model) == "gemma3n":
         return gemma3n_hf_config(model)
@@ -84,6 +108,25 @@ def hf_config(model: str):
                                          attn_logit_softcapping=c["attention_logit_soft_cap"])
     return transformers.Gemma3TextConfig(**common, **newer)
 
+
+
+def gemma4_hf_config(model: str):
+    """transformers' Gemma4TextConfig of a GEMMA4_TEXT shape: `sliding_window_pattern - 1` sliding layers, then a global one."""
+    import transformers
+
+    c = dict(GEMMA4_TEXT[model])
+    pattern = c.pop("sliding_window_pattern")
+    layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(c["num_hidden_layers"])]
+    return transformers.Gemma4TextConfig(**c, layer_types=layer_types, max_position_embeddings=8192)
+
+
+def gemma4_backbone_arguments(model: str) -> dict:
+    """Gemma4Backbone's arguments for the same shape, by KerasHub's converter of transformers' configs."""
+    from keras_hub.src.utils.transformers.convert_gemma4 import convert_backbone_config
+
+    config = gemma4_hf_config(model).to_dict()
+    # transformers folds global_head_dim into per_layer_config; Google's config.json, which the converter reads, states it.
+    return convert_backbone_config({**config, "global_head_dim": GEMMA4_TEXT[model]["global_head_dim"]})
 
 
 def gemma3n_backbone_arguments(model: str) -> dict:
@@ -132,8 +175,8 @@ def keras_gemma(model: str, dtype: str):
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    prefix = {"gemma3": "Gemma3", "gemma3n": "Gemma3n"}.get(family(model), "Gemma")
-    shape = gemma3n_backbone_arguments(model) if prefix == "Gemma3n" else KERAS_GEMMA[model]
+    prefix = {"gemma3": "Gemma3", "gemma3n": "Gemma3n", "gemma4": "Gemma4"}.get(family(model), "Gemma")
+    shape = {"Gemma3n": gemma3n_backbone_arguments, "Gemma4": gemma4_backbone_arguments}.get(prefix, KERAS_GEMMA.get)(model)
     backbone = getattr(keras_hub.models, f"{prefix}Backbone")(**shape, dtype=dtype)
     return getattr(keras_hub.models, f"{prefix}CausalLM")(backbone=backbone, preprocessor=None)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, and a quiet start, before any keras import
 from benchmarks.gemma_shapes import (
-    KERAS_GEMMA, LEARNING_RATE, NEWER, WEIGHT_DECAY, compute_params, lora_gemma, random_examples, use_attention, vocabulary,
+    LEARNING_RATE, MODELS, NEWER, WEIGHT_DECAY, compute_params, lora_gemma, random_examples, use_attention, vocabulary,
 )
 from benchmarks.peft_peer import PEERS, peft_generate, peft_train
 from benchmarks.gpu_lora_summary import summarize
@@ -255,6 +255,9 @@ PHASES = {
     ],
     # Gemma 3n (issue 26; run with --model gemma3n_e2b): training against eager PEFT and PEFT compiled
     # (the strongest route for Gemma 2B), generation against eager and static-cache compiled.
+    # Gemma 4 E2B and E4B (issue 26): the Gemma 3n phase for both shapes, the training rows first.
+    "gemma4": lambda m, ranks: sorted((w for n in ("gemma4_e2b", "gemma4_e4b") for w in PHASES["gemma3n"](n, ranks)),
+                                      key=lambda w: "generate" in w[0]),
     "gemma3n": lambda m, ranks: [
         ["ours-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8"],
         *[["peft-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8", "--peer", p] for p in ("eager", "compile")],
@@ -286,7 +289,7 @@ def main() -> None:
     p.add_argument("--phases", nargs="+", choices=list(PHASES), required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--model", default="gemma_2b", choices=list(KERAS_GEMMA))
+    p.add_argument("--model", default="gemma_2b", choices=MODELS)
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 16], help="LoRA ranks of the training grid")
     for name, fn in [("ours-train", ours_train), ("peft-train", peft_train), ("ours-profile", ours_profile)]:
         w = sub.add_parser(name)
