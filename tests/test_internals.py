@@ -40,3 +40,22 @@ def test_variables_take_the_chosen_initializer_and_their_own_after(tiny_preset):
     outside.build((None, 2))
     assert np.all(keras.ops.convert_to_numpy(inside.kernel) == 3.0)
     assert np.all(keras.ops.convert_to_numpy(outside.kernel) != 3.0)
+
+
+def test_quantizing_with_one_collection_frees_every_replaced_kernel(tiny_preset):
+    """Keras collects garbage for each variable a layer deletes; the kernels quantization replaces are freed without it."""
+    import gc
+
+    import jax
+
+    from lorastudy.presets import load_causal_lm
+
+    backbone = load_causal_lm(tiny_preset).backbone
+    gc.collect()  # earlier tests' garbage, so that what follows counts this model's alone
+    before = sum(a.nbytes for a in jax.live_arrays())
+    with internals.one_collection_for_deleted_variables():
+        backbone.quantize("int8")
+        assert gc.collect() == 0  # Keras's per-variable collections are skipped
+        inside = sum(a.nbytes for a in jax.live_arrays())
+    assert inside == sum(a.nbytes for a in jax.live_arrays()) < before
+    assert any(v.dtype == "int8" for v in backbone.weights)

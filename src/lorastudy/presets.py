@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorastudy.backbones import config_sizes, is_nested_config, output_embedding
 from lorastudy.quiet import filtered_stderr
-from lorastudy.internals import variables_initialized_by
+from lorastudy.internals import one_collection_for_deleted_variables, variables_initialized_by
 
 
 class ModelError(RuntimeError):
@@ -107,7 +107,7 @@ def quantize_base(backbone, mode: str) -> None:
     if mode == "float8":
         raise ModelError("train.quantize: float8 cannot train LoRA: Keras's float8 layers have no LoRA path; use int8 or int4")
     if mode != "none":
-        with filtered_stderr(), warnings.catch_warnings():
+        with filtered_stderr(), warnings.catch_warnings(), one_collection_for_deleted_variables():
             # Keras names every layer without weights to quantize (dropout, inputs): nothing is wrong.
             warnings.filterwarnings("ignore", message="Layer .* does not have a `quantize` method")
             embedding, _ = output_embedding(backbone)
