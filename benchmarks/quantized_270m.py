@@ -8,7 +8,8 @@ For each `train.quantize` mode (none, int8, int4), in one process:
 - perplexity of tests/test_gguf_convert.py's English paragraph on the
   quantized base (float32 everywhere else), beside the float32 base's;
 - the positive control (lorastudy.controls) through the study's own stages,
-  as tests/test_controls.py runs it but with more held-out prompts: the base
+  as tests/test_controls.py runs it but longer (160 records, 2 epochs at
+  2e-4) and with more held-out prompts: the base
   quantized, LoRA rank 8 trained on it for 2 epochs, answers from the same
   quantized base with and without the adapter, ROUGE-L scored; the gain over
   the base, and each quantized run's tuned scores against the float32 run's,
