@@ -37,6 +37,37 @@ def pytest_configure(config):
     os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
+# Modules that share a costly session fixture (the smoke run; the 270M conversion) run on one
+# pytest-xdist worker, so that it is built once; every other module is a group of its own.
+_GROUPS = {
+    **dict.fromkeys(["test_workflow_smoke", "test_report", "test_secrets", "test_slurm"], "smoke_run"),
+    **dict.fromkeys(["test_controls", "test_gguf_convert"], "gemma3_preset"),
+}
+# The longest groups first (pytest --durations on 2 cores), so that the last to finish is a short one.
+_LONGEST = ["gemma3_preset", "smoke_run", "test_stacked", "test_architectures", "test_quantize", "test_interruption"]
+
+
+def _group_of(nodeid: str) -> str:
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return _GROUPS.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+    longest = {group: i for i, group in enumerate(_LONGEST)}
+    items.sort(key=lambda item: longest.get(_group_of(item.nodeid), len(longest)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups to a worker (addopts' `-n auto`); xdist's own loadgroup marks no longer take on pytest 9's node ids."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of(nodeid)
+
+    return ByGroup(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_compilation_cache(tmp_path_factory):
     """One persistent XLA cache for the test process, as the study's jobs share one.
