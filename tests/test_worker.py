@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,10 +56,12 @@ SNAKEFILE = textwrap.dedent(
 
 
 @pytest.fixture
-def workflow(tmp_path: Path) -> tuple[Path, dict]:
+def workflow(tmp_path: Path) -> Iterator[tuple[Path, dict]]:
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORASTUDY_WORKERS_DIR": str(tmp_path / "workers")}
-    return tmp_path, env
+    # Not under tmp_path: a socket's path must stay under about 100 bytes, or the jobs run in their own
+    # processes (run_job), and pytest-xdist's basetemp (.../popen-gw0/test_...) is long enough to pass that.
+    with tempfile.TemporaryDirectory(prefix="workers") as workers:
+        yield tmp_path, {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORASTUDY_WORKERS_DIR": workers}
 
 
 def snakemake(workdir: Path, env: dict, *targets: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -87,10 +91,10 @@ def test_jobs_of_a_run_share_one_worker_that_ends_with_the_run(workflow):
     (worker,) = pids
     assert f"running in worker {worker}" in (workdir / "logs" / "pid_2.log").read_text()
     assert gone_within(worker, 5), "the worker outlived its Snakemake run"
-    assert not list((workdir / "workers").glob("*.sock"))
+    assert not list(Path(env["LORASTUDY_WORKERS_DIR"]).glob("*.sock"))
     # A finished run's lock files go when the next run starts a worker.
-    left = workdir / "workers" / "1-0123456789ab-0.busy"  # pid 1 never ends: kept
-    finished = workdir / "workers" / f"{worker}-0123456789ab-0.busy"
+    left = Path(env["LORASTUDY_WORKERS_DIR"]) / "1-0123456789ab-0.busy"  # pid 1 never ends: kept
+    finished = Path(env["LORASTUDY_WORKERS_DIR"]) / f"{worker}-0123456789ab-0.busy"
     left.touch(), finished.touch()
     snakemake(workdir, env, "--forcerun", "pid", "pid_1.txt")
     assert left.exists() and not finished.exists()
@@ -118,7 +122,7 @@ def test_killing_the_job_ends_its_worker(workflow):
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert gone_within(worker, 5), "the worker went on with a killed job"
-    assert not (workdir / "workers" / f"worker-{worker}.log").exists(), "it had nothing to say, and its file stays"
+    assert not (Path(env["LORASTUDY_WORKERS_DIR"]) / f"worker-{worker}.log").exists(), "it had nothing to say, and its file stays"
 
 
 GPU_SNAKEFILE = textwrap.dedent(
