@@ -108,9 +108,10 @@ def snakemake_process() -> int | None:
     return None
 
 
-def _directory() -> Path:
+def _directory(create: bool = True) -> Path:
     path = Path(os.environ.get(DIR_ENV) or Path(tempfile.gettempdir()) / f"lorastudy-workers-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -124,7 +125,8 @@ def _socket(leader: int, gpus: int, index: int) -> Path:
 
 
 def _log_of(pid: int) -> Path:
-    return _directory() / f"worker-{pid}.log"
+    # Not made here: a worker exiting after its directory was removed must not make it again.
+    return _directory(create=False) / f"worker-{pid}.log"
 
 
 @contextlib.contextmanager
