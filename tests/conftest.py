@@ -44,7 +44,8 @@ _GROUPS = {
     **dict.fromkeys(["test_controls", "test_gguf_convert"], "gemma3_preset"),
 }
 # The longest groups first (pytest --durations on 2 cores), so that the last to finish is a short one.
-_LONGEST = ["gemma3_preset", "smoke_run", "test_stacked", "test_architectures", "test_quantize", "test_interruption"]
+_LONGEST = ["test_stacked", "smoke_run", "gemma3_preset", "test_architectures", "test_interruption", "test_gradient_checkpointing",
+            "test_distribution", "test_quantize", "test_generate", "test_loss"]
 
 
 def _group_of(nodeid: str) -> str:
