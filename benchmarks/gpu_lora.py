@@ -255,15 +255,15 @@ PHASES = {
     ],
     # Gemma 3n (issue 26; run with --model gemma3n_e2b): training against eager PEFT and PEFT compiled
     # (the strongest route for Gemma 2B), generation against eager and static-cache compiled.
-    # Gemma 4 E2B and E4B (issue 26): the Gemma 3n phase for both shapes, the training rows first.
-    "gemma4": lambda m, ranks: sorted((w for n in ("gemma4_e2b", "gemma4_e4b") for w in PHASES["gemma3n"](n, ranks)),
-                                      key=lambda w: "generate" in w[0]),
     "gemma3n": lambda m, ranks: [
         ["ours-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8"],
         *[["peft-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8", "--peer", p] for p in ("eager", "compile")],
         ["ours-generate", "--model", m, "--batches", "16", "64"],
         *[["peft-generate", "--model", m, "--batches", "16", "64", "--peer", p] for p in PEERS["generate"]],
     ],
+    # Gemma 4 E2B and E4B (issue 26): the Gemma 3n phase for both shapes, the training rows first.
+    "gemma4": lambda m, ranks: sorted((w for n in ("gemma4_e2b", "gemma4_e4b") for w in PHASES["gemma3n"](n, ranks)),
+                                      key=lambda w: "generate" in w[0]),
     "gemma3_train": lambda m, ranks: [["ours-train", "--model", n, "--rank", "4", "--shapes", "256x8", "512x8"] for n in NEWER[1:]],
     "newer_generate": lambda m, ranks: [[w, "--model", n, "--batches", "16", "64"] for n in NEWER for w in ("ours-generate", "peft-generate")],
 }
