@@ -27,7 +27,6 @@ PRIVATE_API = (
     ("keras_hub.src.models.gemma.gemma_attention", "CachedGemmaAttention._use_fused_attention_op"),
     ("keras_hub.src.models.gemma3.gemma3_attention", "CachedGemma3Attention._use_fused_attention_op"),
     ("jax._src.xla_bridge", "_backends"),
-    ("keras", "Layer.__delattr__"),  # runs gc.collect() for each variable it deletes (below)
 )
 
 
