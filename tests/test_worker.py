@@ -91,10 +91,11 @@ def test_jobs_of_a_run_share_one_worker_that_ends_with_the_run(workflow):
     (worker,) = pids
     assert f"running in worker {worker}" in (workdir / "logs" / "pid_2.log").read_text()
     assert gone_within(worker, 5), "the worker outlived its Snakemake run"
-    assert not list(Path(env["LORASTUDY_WORKERS_DIR"]).glob("*.sock"))
+    workers = Path(env["LORASTUDY_WORKERS_DIR"])
+    assert not list(workers.glob("*.sock"))
     # A finished run's lock files go when the next run starts a worker.
-    left = Path(env["LORASTUDY_WORKERS_DIR"]) / "1-0123456789ab-0.busy"  # pid 1 never ends: kept
-    finished = Path(env["LORASTUDY_WORKERS_DIR"]) / f"{worker}-0123456789ab-0.busy"
+    left = workers / "1-0123456789ab-0.busy"  # pid 1 never ends: kept
+    finished = workers / f"{worker}-0123456789ab-0.busy"
     left.touch(), finished.touch()
     snakemake(workdir, env, "--forcerun", "pid", "pid_1.txt")
     assert left.exists() and not finished.exists()
