@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,6 +38,16 @@ def test_concurrent_jobs_share_the_cache_and_a_later_job_loads_from_it(tmp_path)
     later = _result(_start(cache))
     assert later["hits"] >= 1 and later["programs"] >= later["hits"]
     assert {r["sum"] for r in [*first, later]} == {first[0]["sum"]}
+
+
+def test_the_config_cache_wins_over_one_jax_opened_before(tmp_path):
+    # A resident worker's environment may name a cache that JAX opened before the job's settings.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "environment"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    opened_first = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(2))\n"
+    process = subprocess.run([sys.executable, "-c", opened_first + JOB, str(tmp_path / "config")], env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert list((tmp_path / "environment").glob("*-cache")), "the first program did not open the environment's cache"
+    assert list((tmp_path / "config").glob("*-cache")), "the job's program went to the environment's cache, not the config's"
 
 
 def test_no_settings_leave_jax_alone_and_a_null_dir_turns_the_cache_off():

@@ -51,6 +51,7 @@ def use_compilation_cache(settings: CacheSettings | dict | None) -> str | None:
     is off (`dir: null`).
     """
     import jax
+    from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
     if settings is None:
         return None
@@ -58,7 +59,12 @@ def use_compilation_cache(settings: CacheSettings | dict | None) -> str | None:
     if not s.dir:
         return None
     path = os.path.abspath(os.path.expanduser(s.dir))
-    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_compilation_cache_dir != path:
+        # JAX opens its cache once, at the first compilation, and keeps that
+        # directory: a worker whose earlier job, or whose environment
+        # (JAX_COMPILATION_CACHE_DIR), opened another would write there.
+        jax.config.update("jax_compilation_cache_dir", path)
+        reset_cache()
     jax.config.update("jax_compilation_cache_max_size", int(s.max_size_gb * 2**30))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", s.min_compile_seconds)
     log.info("persistent XLA compilation cache: %s (at most %.0f GB)", path, s.max_size_gb)
