@@ -189,3 +189,13 @@ def test_the_job_error_comes_back_as_itself_or_else_as_its_text():
     assert isinstance(error, FileNotFoundError) and error.filename == "x.jsonl"
     fallback = _error(b"not a pickle", "KeyError: 'rank' (the traceback is in logs/a.log)")
     assert isinstance(fallback, WorkerError) and "logs/a.log" in str(fallback)
+
+
+def test_a_socket_path_too_long_for_af_unix_runs_the_job_here_and_says_so(tmp_path, monkeypatch):
+    from lorastudy import worker
+
+    monkeypatch.setattr(worker, "snakemake_process", os.getppid)  # as if under Snakemake
+    monkeypatch.setenv(worker.DIR_ENV, str(tmp_path / ("d" * worker.SOCKET_PATH_BYTES)))
+    log = tmp_path / "job.log"
+    assert worker.run_job("os.getpid", log=str(log)) == os.getpid()
+    assert f"set {worker.DIR_ENV} to a shorter directory" in log.read_text()

@@ -50,6 +50,8 @@ from lorastudy.logs import logging_to
 IDLE_SECONDS = 30.0
 START_SECONDS = 120.0
 DIR_ENV = "LORASTUDY_WORKERS_DIR"
+SLOTS = 1000  # workers of one run and GPU count at most
+SOCKET_PATH_BYTES = 107  # Linux's sun_path: 108 bytes with the closing NUL
 # What a worker's imports and devices depend on: a job whose values differ gets another worker.
 _ENV_PREFIXES = ("XLA_", "JAX_", "KERAS_", "TF_", "CUDA_", "NCCL_", "LORASTUDY_", "PYTHON", "LD_")
 
@@ -69,8 +71,14 @@ def run_job(target: str, *, log: str, gpus: int = 0, resident: bool = True, **kw
     machine_gpus = visible_gpus()
     gpus = gpus if machine_gpus else 0  # without GPUs every job is alike, whatever it asked for
     leader = snakemake_process() if resident and (gpus > 0 or not machine_gpus) else None
-    if leader is None or len(str(_socket(leader, gpus, 0))) > 100:  # AF_UNIX paths end near 107 bytes
-        with logging_to(log), claimed_gpus(gpus):
+    socket = _socket(leader, gpus, SLOTS - 1) if leader is not None else None
+    too_long = socket is not None and len(os.fsencode(socket)) > SOCKET_PATH_BYTES
+    if leader is None or too_long:
+        with logging_to(log) as job_log, claimed_gpus(gpus):
+            if too_long:
+                job_log.warning("running in this job's own process, not a resident worker: the worker's socket path "
+                                "%s is longer than AF_UNIX allows (%d bytes); set %s to a shorter directory",
+                                socket, SOCKET_PATH_BYTES, DIR_ENV)
             return _resolve(target)(**kwargs)
     with logging_to(log) as job_log, _worker(leader, gpus) as (conn, pid):
         job_log.info("running in worker %d (its own output: %s)", pid, _log_of(pid))
@@ -147,7 +155,7 @@ def _busy(path: Path) -> Iterator[bool]:
 @contextlib.contextmanager
 def _worker(leader: int, gpus: int) -> Iterator[tuple[Connection, int]]:
     """A free worker of this run for `gpus` GPUs, kept ours for the block; started (its GPUs claimed) if none is free."""
-    for index in range(1000):
+    for index in range(SLOTS):
         path = _socket(leader, gpus, index)
         with _busy(path) as free:
             if not free:
