@@ -50,7 +50,7 @@ def test_smoke_workflow_runs_through_slurm_and_equals_a_local_run(slurm, smoke_r
     states = [line.split()[0] for line in queue.stdout.splitlines()]
     expected = sum(1 for p in smoke_run.glob("logs/**/*.log")) - local_jobs
     assert states and set(states) == {"COMPLETED"}, queue.stdout
-    assert len(states) >= expected > 20, (len(states), expected)
+    assert len(states) >= expected >= 4, (len(states), expected)
     assert (tmp_path / "reports" / "report.html").is_file()
     assert assert_same_results(smoke_run, tmp_path) >= 40
     # SLURM's own record of what each job was given: the GPU rules one GPU each, the rest none.

@@ -1,6 +1,10 @@
 # Compute nodes of a cluster often have no internet: download on the head node.
+# Filtering and splitting take a second or two; on a cluster they would wait in
+# the queue longer than they run, so they run there too.
 localrules:
     download_dolly,
+    filter_context,
+    split,
 
 
 rule download_dolly:
