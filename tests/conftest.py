@@ -75,9 +75,8 @@ def _one_compilation_cache(tmp_path_factory):
 
     Many tests build the same tiny models' programs again (a resumed run, the
     run it must equal, the second control); they load them instead of
-    compiling. Not exported to subprocesses: JAX fixes a process's cache
-    directory at its first compilation, so a workflow job would not move to
-    the directory its config names.
+    compiling. Not exported to subprocesses: the workflow tests check the
+    cache their config names.
     """
     import jax
 
