@@ -116,7 +116,7 @@ else:
 
 
 # A score job is a second or two of ROUGE; the paper grid has one per answer
-# file (about 170). As cluster jobs each would wait in the queue and start
+# file (164). As cluster jobs each would wait in the queue and start
 # Snakemake again; on the head node they run side by side (--local-cores).
 localrules:
     score,
