@@ -15,7 +15,6 @@ mapped for each step and unmapped after it.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import resource
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, before any keras import
-from benchmarks.harness import add_summarize, emit, read_records, run_worker, software, write_summary
+from benchmarks.harness import emit, read_records, repeated_driver_arguments, run_worker, software, write_summary
 from lorastudy.worker import CPU_MALLOC_TUNABLES
 
 VARIANTS = {"glibc default": "", "one arena, kept": CPU_MALLOC_TUNABLES}
@@ -74,23 +73,17 @@ def summarize(args) -> None:
     write_summary(Path(args.out), "cpu_malloc", rows, raw)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "worker"):
-        p = sub.add_parser(name)
-        p.add_argument("--preset", required=True)
-        p.add_argument("--train", required=True)
-        p.add_argument("--val", required=True)
-        p.add_argument("--out", required=True)
-        p.add_argument("--records", type=int, default=48)
-    sub.choices["run"].add_argument("--repeats", type=int, default=2)
-    sub.choices["worker"].add_argument("--variant", choices=list(VARIANTS), required=True)
-    sub.choices["worker"].add_argument("--repeat", type=int, required=True)
-    add_summarize(sub)
-    args = parser.parse_args()
-    {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
+def shared_arguments(p) -> None:
+    p.add_argument("--preset", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--val", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--records", type=int, default=48)
 
+
+def main() -> None:
+    args = repeated_driver_arguments(__doc__, shared_arguments, lambda p: p.add_argument("--variant", choices=list(VARIANTS), required=True))
+    {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
 
 if __name__ == "__main__":
     main()

@@ -20,13 +20,12 @@ costs, and whether the answers equal those of the first measurement.
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import tempfile
 from pathlib import Path
 
 import lorastudy  # noqa: F401 - JAX as Keras's backend, before any keras import
-from benchmarks.harness import add_summarize, emit, read_records, run_worker, software, write_summary
+from benchmarks.harness import emit, read_records, repeated_driver_arguments, run_worker, software, write_summary
 
 
 def worker(args) -> None:
@@ -85,28 +84,26 @@ def summarize(args) -> None:
     write_summary(Path(args.out), "generate_width", rows, raw)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "worker"):
-        p = sub.add_parser(name)
-        p.add_argument("--preset", required=True)
-        p.add_argument("--test", required=True)
-        p.add_argument("--out", required=True)
-        p.add_argument("--batch-sizes", type=int, nargs="+", default=[25])
-        p.add_argument("--max-new-tokens", type=int, default=64)
-        p.add_argument("--prompt-format", default="plain")
-        # An adapter of the main job (results/finetune/...): its evaluation runs with LoRA enabled, as the job's does.
-        p.add_argument("--adapter")
-        p.add_argument("--multiples", type=int, nargs="+", default=[64, 16, 8])
-    sub.choices["run"].add_argument("--repeats", type=int, default=2)
-    sub.choices["worker"].add_argument("--pad-multiple", type=int, required=True)
-    sub.choices["worker"].add_argument("--batch-size", type=int, required=True)
-    sub.choices["worker"].add_argument("--repeat", type=int, required=True)
-    add_summarize(sub)
-    args = parser.parse_args()
-    {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
+def shared_arguments(p) -> None:
+    p.add_argument("--preset", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[25])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt-format", default="plain")
+    # An adapter of the main job (results/finetune/...): its evaluation runs with LoRA enabled, as the job's does.
+    p.add_argument("--adapter")
+    p.add_argument("--multiples", type=int, nargs="+", default=[64, 16, 8])
 
+
+def worker_arguments(p) -> None:
+    p.add_argument("--pad-multiple", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+
+
+def main() -> None:
+    args = repeated_driver_arguments(__doc__, shared_arguments, worker_arguments)
+    {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
 
 if __name__ == "__main__":
     main()

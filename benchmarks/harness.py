@@ -8,6 +8,7 @@ own GPU memory and peak), and its `summarize` reads the lines back
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Dense bfloat16 peak of the GPUs the benchmarks ran on (SXM), for MFU.
@@ -117,6 +119,21 @@ def read_records(paths: list[str]) -> list[dict]:
                 records.append({**record, "run": Path(path).stem, "environment": run_env})
     return records
 
+
+
+def repeated_driver_arguments(doc: str, shared: Callable[[argparse.ArgumentParser], None],
+                              own: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+    """The command line of a driver that repeats its measurements: `run` (all of them, `--repeats` times) and
+    `worker` (one, its `--repeat`) take the arguments `shared` adds, `worker` also those `own` adds; and `summarize`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "worker"):
+        shared(sub.add_parser(name))
+    sub.choices["run"].add_argument("--repeats", type=int, default=2)
+    own(sub.choices["worker"])
+    sub.choices["worker"].add_argument("--repeat", type=int, required=True)
+    add_summarize(sub)
+    return parser.parse_args()
 
 
 def add_summarize(subparsers) -> None:
