@@ -64,7 +64,7 @@ SNAKEFILE = textwrap.dedent(
 @pytest.fixture
 def workflow(tmp_path: Path) -> Iterator[tuple[Path, dict]]:
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
-    # Not under tmp_path: a socket's path must stay under about 100 bytes, or the jobs run in their own
+    # Not under tmp_path: a socket's path must fit AF_UNIX's 107 bytes, or the jobs run in their own
     # processes (run_job), and pytest-xdist's basetemp (.../popen-gw0/test_...) is long enough to pass that.
     with tempfile.TemporaryDirectory(prefix="workers") as workers:
         yield tmp_path, {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORASTUDY_WORKERS_DIR": workers}
