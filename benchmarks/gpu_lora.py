@@ -258,6 +258,10 @@ PHASES = {
     "gemma3n": lambda m, ranks: [
         ["ours-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8"],
         *[["peft-train", "--model", m, "--rank", "4", "--shapes", "256x8", "512x8", "--peer", p] for p in ("eager", "compile")],
+        *PHASES["generate_vs_peft"](m, ranks),
+    ],
+    # Its generation rows alone (run with --model gemma4_e4b for the rows the Gemma 4 run lacked).
+    "generate_vs_peft": lambda m, ranks: [
         ["ours-generate", "--model", m, "--batches", "16", "64"],
         *[["peft-generate", "--model", m, "--batches", "16", "64", "--peer", p] for p in PEERS["generate"]],
     ],

@@ -3,7 +3,7 @@
 # `start` launches them in a session of its own, `wait` follows over later calls (the scratch
 # directory stays while the machine is warm) and copies the results so far to $OUT, so a lease
 # that ends first still brings back the rows that finished. Options: launcher_options.sh.
-#   PHASES="gemma4" [OUT=DIR] bash benchmarks/gpu_lora_gpu.sh start|wait [--scratch DIR] [--wheels DIR]
+#   PHASES="gemma4" [MODEL=gemma4_e4b] [OUT=DIR] bash benchmarks/gpu_lora_gpu.sh start|wait [--scratch DIR] [--wheels DIR]
 set -euo pipefail
 step=$1; shift
 . benchmarks/launcher_options.sh
@@ -13,7 +13,7 @@ case $step in
   sequence)
     . benchmarks/device_setup.sh
     export PYTHONPATH=$site:$PWD/src:$PWD
-    python3 -m benchmarks.gpu_lora run --phases ${PHASES:?name the phases of benchmarks/gpu_lora.py} --out $run
+    python3 -m benchmarks.gpu_lora run --phases ${PHASES:?name the phases of benchmarks/gpu_lora.py} ${MODEL:+--model $MODEL} --out $run
     touch $scratch/gpu_lora.done ;;
   wait)
     for _ in $(seq "${WAIT_ROUNDS:-100}"); do [ -f $scratch/gpu_lora.done ] && break; sleep 5; done
