@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy.ahead import AheadPrograms
 from lorastudy.checkpoints import WaveCheckpoint, fingerprint
 from lorastudy.internals import lora_layer_indices
 from lorastudy.io import write_json
@@ -127,7 +128,7 @@ class Wave:
         self.alive = jnp.ones((k,), bool)
         self.frozen = [v.value for v in g.model.non_trainable_variables]
         self.train_step, self.validate_step = stacked_steps(g.model, self.optimizer)
-        self.programs: dict[int, Any] = {}
+        self.programs = AheadPrograms()  # keyed by ("train" or "validate", width)
         self.history: list[list[dict[str, Any]]] = [[] for _ in self.runs]
         self.times = dict.fromkeys(("train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds"), 0.0)
         self.failed: dict[int, str] = {}
@@ -145,13 +146,17 @@ class Wave:
         resumed = self._restore()
         if resumed:
             log.info("resuming %s after epoch %d of %d from %s", _wave_name(self.runs), resumed, g.epochs, self.checkpoint.dir)
-        elif adaptive and len(self.runs) > 1 and not self._fits():
-            return None
-        log.info("training %d adapters side by side: %s", len(self.runs), ", ".join(r.name for r in self.runs))
-        for epoch in range(resumed, g.epochs):
-            self._epoch(epoch)
-            self._validate(epoch)
-            self._save(epoch + 1)
+        try:
+            self._compile_ahead(resumed)
+            if not resumed and adaptive and len(self.runs) > 1 and not self._fits():
+                return None
+            log.info("training %d adapters side by side: %s", len(self.runs), ", ".join(r.name for r in self.runs))
+            for epoch in range(resumed, g.epochs):
+                self._epoch(epoch)
+                self._validate(epoch)
+                self._save(epoch + 1)
+        finally:
+            self.programs.close()
         return [self._finish(k) for k in range(len(self.runs))]
 
     def _save(self, epoch: int) -> None:
@@ -185,28 +190,40 @@ class Wave:
                     self.publish(k, e)
         return epoch
 
+    def _compile_ahead(self, first_epoch: int) -> None:
+        """Start compiling every step the wave will take (`AheadPrograms`): the widest first, for `_fits`."""
+        g = self.group
+        plans = [[g.plan(run.seed, epoch, g.train) for run in self.runs] for epoch in range(first_epoch, g.epochs)]
+        widths = dict.fromkeys([g.widths[-1], *(max(b.width for b in step) for epoch in plans for step in zip(*epoch))])
+        example = g.stack(g.plan(0, 0, g.train)[:1] * len(self.runs), g.train)  # [adapters, batch, width]
+        began = self.programs.seconds
+        for width in widths:
+            batch = {key: np.zeros((*value.shape[:2], width), value.dtype) for key, value in example.items()}
+            self.programs.submit(("train", width), self.train_step, self.trainable, self.state, self.alive, self.frozen, batch)
+        for width in dict.fromkeys(b.width for b in g.plan(None, 0, g.val)):
+            batch = {key: np.zeros((value.shape[1], width), value.dtype) for key, value in example.items()}
+            self.programs.submit(("validate", width), self.validate_step, self.trainable, self.frozen, batch)
+        # Training's programs are most of them: the tracing counts in training's time (and its compilation's).
+        traced = self.programs.seconds - began
+        self.times["train_seconds"] += traced
+        self.times["train_compile_seconds"] += traced
+
     def _fits(self) -> bool:
-        """Compile the step at the widest width and check its memory against the device's free memory."""
+        """Whether the step at the widest width fits: its memory against the device's free memory."""
         g, began = self.group, time.perf_counter()
-        batch = g.stack(g.plan(0, 0, g.train)[:1] * len(self.runs), g.train)
-        widest = {key: np.zeros((*value.shape[:2], g.widths[-1]), value.dtype) for key, value in batch.items()}
-        program = self._program(widest)
-        # Compiled for training, so counted in training's time (and its compilation's).
+        program = self._program(g.widths[-1])
         self.times["train_seconds"] += time.perf_counter() - began
         fits, needed, free = fits_device(program, self.device)
         if needed is not None:
             log.info("%d adapters side by side: the widest step needs %.2f GiB, %.2f GiB free", len(self.runs), needed / 2**30, free / 2**30)
         return fits
 
-    def _program(self, batch):
-        """The compiled training step for this batch's width (compiled ahead, so its memory can be read)."""
-        width = batch["token_ids"].shape[-1]
-        if width not in self.programs:
-            args = (self.trainable, self.state, self.alive, self.frozen, batch)
-            with self.trainer.clock.region() as spent:
-                self.programs[width] = self.train_step.lower(*args).compile()
-            self.times["train_compile_seconds"] += spent.seconds
-        return self.programs[width]
+    def _program(self, width: int, kind: str = "train"):
+        """The compiled step of this width (`_compile_ahead` started it), its wait counted as compiling."""
+        waited = self.programs.seconds
+        program = self.programs.get((kind, width))
+        self.times[f"{'train' if kind == 'train' else 'validation'}_compile_seconds"] += self.programs.seconds - waited
+        return program
 
     def _epoch(self, epoch: int) -> None:
         import jax.numpy as jnp
@@ -217,7 +234,7 @@ class Wave:
         stats, logged = [], 0
         for step in range(self.steps_per_epoch):
             batch = g.stack([plan[step] for plan in plans], g.train)
-            program = self._program(batch)
+            program = self._program(batch["token_ids"].shape[-1])
             self.trainable, self.state, self.alive, row = program(self.trainable, self.state, self.alive, self.frozen, batch)
             stats.append(row)
             if (step + 1) % s.log_every_n_steps == 0:
@@ -240,12 +257,11 @@ class Wave:
 
         g = self.group
         began = time.perf_counter()
-        with self.trainer.clock.region() as spent:
-            # One batch shared by every adapter: the [1, batch, width] stack of one, without its first axis.
-            batches = [{key: x[0] for key, x in g.stack([b], g.val).items()} for b in g.plan(None, 0, g.val)]
-            val = np.asarray(jnp.stack([self.validate_step(self.trainable, self.frozen, b) for b in batches]))
+        # One batch shared by every adapter: the [1, batch, width] stack of one, without its first axis.
+        batches = [{key: x[0] for key, x in g.stack([b], g.val).items()} for b in g.plan(None, 0, g.val)]
+        rows = [self._program(b["token_ids"].shape[-1], "validate")(self.trainable, self.frozen, b) for b in batches]
+        val = np.asarray(jnp.stack(rows))
         self.times["validation_seconds"] += time.perf_counter() - began
-        self.times["validation_compile_seconds"] += spent.seconds
         alive = np.asarray(self.alive)
         steady = (self.times["train_seconds"] - self.times["train_compile_seconds"]) / len(self.runs)
         for k, run in enumerate(self.runs):
