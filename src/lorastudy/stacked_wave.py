@@ -147,8 +147,9 @@ class Wave:
         if resumed:
             log.info("resuming %s after epoch %d of %d from %s", _wave_name(self.runs), resumed, g.epochs, self.checkpoint.dir)
         try:
-            self._compile_ahead(resumed)
-            if not resumed and adaptive and len(self.runs) > 1 and not self._fits():
+            check = not resumed and adaptive and len(self.runs) > 1
+            self._compile_ahead(resumed, widest_first=check)
+            if check and not self._fits():
                 return None
             log.info("training %d adapters side by side: %s", len(self.runs), ", ".join(r.name for r in self.runs))
             for epoch in range(resumed, g.epochs):
@@ -190,11 +191,12 @@ class Wave:
                     self.publish(k, e)
         return epoch
 
-    def _compile_ahead(self, first_epoch: int) -> None:
-        """Start compiling every step the wave will take (`AheadPrograms`): the widest first, for `_fits`."""
+    def _compile_ahead(self, first_epoch: int, widest_first: bool) -> None:
+        """Start compiling every step the wave will take (`AheadPrograms`), the widest first for `_fits`."""
         g = self.group
         plans = [[g.plan(run.seed, epoch, g.train) for run in self.runs] for epoch in range(first_epoch, g.epochs)]
-        widths = dict.fromkeys([g.widths[-1], *(max(b.width for b in step) for epoch in plans for step in zip(*epoch))])
+        used = (max(b.width for b in step) for epoch in plans for step in zip(*epoch))
+        widths = dict.fromkeys([g.widths[-1]] * widest_first + list(used))
         example = g.stack(g.plan(0, 0, g.train)[:1] * len(self.runs), g.train)  # [adapters, batch, width]
         began = self.programs.seconds
         for width in widths:
