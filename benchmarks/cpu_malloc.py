@@ -8,9 +8,10 @@ Each measurement is one LoRA finetune of the main job's model and settings
 (`lorastudy.finetune.finetune`, rank 4, one epoch of `--records` training and
 16 validation records) in a process of its own, the two allocators taken in
 turn and repeated. It records the wall, user and system seconds of the
-finetune and its minor page faults (pages the kernel had to map and zero):
+finetune, its minor page faults (pages the kernel had to map and zero:
 with a thread's arena per thread, XLA's step buffers too large for one are
-mapped for each step and unmapped after it.
+mapped for each step and unmapped after it) and the process's peak resident
+memory (kept memory must not pile up).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def worker(args) -> None:
     emit(Path(args.out), phase="cpu_malloc", variant=args.variant, repeat=args.repeat, records=args.records, seconds=wall,
          user_seconds=after.ru_utime - before.ru_utime, system_seconds=after.ru_stime - before.ru_stime,
          minor_faults=after.ru_minflt - before.ru_minflt, train_seconds=stats["train_seconds"],
-         validation_seconds=stats["validation_seconds"], val_loss=float(val_loss))
+         validation_seconds=stats["validation_seconds"], val_loss=float(val_loss),
+         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def run(args) -> None:
@@ -63,12 +65,13 @@ def run(args) -> None:
 
 def summarize(args) -> None:
     raw = [r for r in read_records(args.results) if r["phase"] == "cpu_malloc"]
-    default = {r["repeat"]: r["seconds"] for r in raw if r["variant"] == "glibc default"}
+    default = {(r["run"], r["repeat"]): r["seconds"] for r in raw if r["variant"] == "glibc default"}
     rows = [{
-        "malloc": r["variant"], "repeat": r["repeat"], "records": r["records"], "wall s": f"{r['seconds']:.1f}",
+        "run": r["run"], "malloc": r["variant"], "repeat": r["repeat"], "records": r["records"], "wall s": f"{r['seconds']:.1f}",
         "user s": f"{r['user_seconds']:.1f}", "system s": f"{r['system_seconds']:.1f}", "page faults": r["minor_faults"],
         "train s": f"{r['train_seconds']:.1f}", "validation s": f"{r['validation_seconds']:.1f}",
-        "val loss": f"{r['val_loss']:.6f}", "x default (same repeat)": f"{r['seconds'] / default[r['repeat']]:.2f}" if r["repeat"] in default else "",
+        "val loss": f"{r['val_loss']:.6f}", "peak RSS GB": f"{r['peak_rss_bytes'] / 1e9:.1f}" if "peak_rss_bytes" in r else "",
+        "x default (same repeat)": f"{r['seconds'] / default[r['run'], r['repeat']]:.2f}" if (r["run"], r["repeat"]) in default else "",
     } for r in raw]
     write_summary(Path(args.out), "cpu_malloc", rows, raw)
 
