@@ -88,5 +88,6 @@ def main() -> None:
     args = repeated_driver_arguments(__doc__, shared_arguments, lambda p: p.add_argument("--variant", choices=list(VARIANTS), required=True))
     {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
 
+
 if __name__ == "__main__":
     main()

@@ -105,5 +105,6 @@ def main() -> None:
     args = repeated_driver_arguments(__doc__, shared_arguments, worker_arguments)
     {"run": run, "worker": worker, "summarize": summarize}[args.command](args)
 
+
 if __name__ == "__main__":
     main()

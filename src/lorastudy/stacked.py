@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorastudy.compilation import CompileClock, use_compilation_cache
+from lorastudy.compilation import use_compilation_cache
 from lorastudy.lora import LoraSpec
 from lorastudy.stacked_wave import Group, GroupRun, Wave
 from lorastudy.training import NonFiniteLossError, TrainSettings
@@ -111,7 +111,6 @@ class _Trainer:
 
     def __init__(self, group: Group, checkpoint_dir: Path, started: float):
         self.group, self.checkpoint_dir, self.started = group, checkpoint_dir, started
-        self.clock = CompileClock.get()
         self.load_seconds: float | None = None
 
     def train(self, runs: Sequence[GroupRun]) -> list[dict[str, Any]]:

@@ -128,7 +128,7 @@ class Wave:
         self.alive = jnp.ones((k,), bool)
         self.frozen = [v.value for v in g.model.non_trainable_variables]
         self.train_step, self.validate_step = stacked_steps(g.model, self.optimizer)
-        self.programs = AheadPrograms()  # keyed by ("train" or "validate", width)
+        self.programs = AheadPrograms()  # keyed by ("train" or "validation", width)
         self.history: list[list[dict[str, Any]]] = [[] for _ in self.runs]
         self.times = dict.fromkeys(("train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds"), 0.0)
         self.failed: dict[int, str] = {}
@@ -204,7 +204,7 @@ class Wave:
             self.programs.submit(("train", width), self.train_step, self.trainable, self.state, self.alive, self.frozen, batch)
         for width in dict.fromkeys(b.width for b in g.plan(None, 0, g.val)):
             batch = {key: np.zeros((value.shape[1], width), value.dtype) for key, value in example.items()}
-            self.programs.submit(("validate", width), self.validate_step, self.trainable, self.frozen, batch)
+            self.programs.submit(("validation", width), self.validate_step, self.trainable, self.frozen, batch)
         # Training's programs are most of them: the tracing counts in training's time (and its compilation's).
         traced = self.programs.seconds - began
         self.times["train_seconds"] += traced
@@ -224,7 +224,7 @@ class Wave:
         """The compiled step of this width (`_compile_ahead` started it), its wait counted as compiling."""
         waited = self.programs.seconds
         program = self.programs.get((kind, width))
-        self.times[f"{'train' if kind == 'train' else 'validation'}_compile_seconds"] += self.programs.seconds - waited
+        self.times[f"{kind}_compile_seconds"] += self.programs.seconds - waited
         return program
 
     def _epoch(self, epoch: int) -> None:
@@ -261,7 +261,7 @@ class Wave:
         began = time.perf_counter()
         # One batch shared by every adapter: the [1, batch, width] stack of one, without its first axis.
         batches = [{key: x[0] for key, x in g.stack([b], g.val).items()} for b in g.plan(None, 0, g.val)]
-        rows = [self._program(b["token_ids"].shape[-1], "validate")(self.trainable, self.frozen, b) for b in batches]
+        rows = [self._program(b["token_ids"].shape[-1], "validation")(self.trainable, self.frozen, b) for b in batches]
         val = np.asarray(jnp.stack(rows))
         self.times["validation_seconds"] += time.perf_counter() - began
         alive = np.asarray(self.alive)
