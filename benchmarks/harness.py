@@ -168,6 +168,8 @@ class GpuSampler(threading.Thread):
     def __init__(self, every: float = 1.0):
         super().__init__(daemon=True)
         self.every, self.samples, self.stopped = every, [], threading.Event()
+        self.times: list[float] = []  # each sample's seconds since the sampler started
+        self.began = time.perf_counter()
 
     def run(self) -> None:
         while not self.stopped.is_set():
@@ -175,6 +177,7 @@ class GpuSampler(threading.Thread):
                 text = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
                                       capture_output=True, text=True, timeout=10).stdout
                 self.samples.append(float(text.split()[0]))
+                self.times.append(round(time.perf_counter() - self.began, 1))
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 pass
             self.stopped.wait(self.every)

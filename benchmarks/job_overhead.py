@@ -170,8 +170,12 @@ def job_records(workdir: Path) -> list[dict]:
     return jobs, splits
 
 
-def job_spans(log: str) -> list[dict]:
-    """Each job's rule and wall seconds, from Snakemake's own log (start and 'Finished jobid' stamps)."""
+def job_spans(log: str, began: float | None = None) -> list[dict]:
+    """Each job's rule and wall seconds, from Snakemake's own log (start and 'Finished jobid' stamps).
+
+    With `began` (the run's start, `time.time()`), each span also says when it
+    started, in seconds after it (Snakemake's stamps are whole seconds).
+    """
     import re
     from datetime import datetime
 
@@ -185,7 +189,9 @@ def job_spans(log: str) -> list[dict]:
             started.setdefault(m.group(1), stamp)
             rules.setdefault(m.group(1), rule)
         elif m := re.match(r"Finished jobid: (\d+) \(Rule: (\w+)\)", line.strip()):
-            spans.append({"rule": m.group(2), "seconds": (stamp - started[m.group(1)]).total_seconds()})
+            start = started[m.group(1)]
+            spans.append({"rule": m.group(2), "seconds": (stamp - start).total_seconds()}
+                         | ({"start": start.timestamp() - began} if began is not None else {}))
     return spans
 
 
@@ -198,7 +204,7 @@ def workflow(args) -> None:
            "--directory", str(workdir), *args.snakemake]
     sampler = GpuSampler()
     sampler.start()
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     sampler.stopped.set()
@@ -206,8 +212,9 @@ def workflow(args) -> None:
     jobs, splits = job_records(workdir)
     samples = sampler.samples
     emit(out, phase="workflow", label=args.label, returncode=done.returncode, seconds=seconds, jobs=jobs, splits=splits,
-         spans=job_spans(done.stdout + done.stderr),
+         spans=job_spans(done.stdout + done.stderr, began),
          gpu_utilisation_mean=sum(samples) / len(samples) if samples else None, gpu_samples=len(samples),
+         gpu_timeline=[[t, u] for t, u in zip(sampler.times, samples)],
          command=" ".join(args.snakemake))
     if done.returncode:
         print(done.stderr[-3000:], flush=True)
