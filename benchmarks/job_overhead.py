@@ -275,6 +275,26 @@ def summarize(args) -> None:
     print("\n".join(lines))
 
 
+GPU_RULES = ("prepare_model", "finetune", "generate", "generate_base")
+
+
+def idle_by_stage(record: dict) -> dict[str, float]:
+    """The GPU's idle seconds (one minus its utilisation, over nvidia-smi's samples) under each GPU job, and elsewhere.
+
+    A sample belongs to the GPU job whose span holds it (GPU jobs run one at a
+    time on one GPU); samples under no GPU job are the CPU-only stages (data,
+    scoring, summary, figures, report) and Snakemake's own start and end.
+    """
+    spans = sorted((s["start"], s["start"] + s["seconds"], s["rule"]) for s in record["spans"] if s["rule"] in GPU_RULES)
+    idle: dict[str, float] = {}
+    last = 0.0
+    for t, util in record["gpu_timeline"]:
+        stage = next((f"{rule} {n}" for n, (a, b, rule) in enumerate(spans, 1) if a <= t < b), "CPU-only stages and Snakemake")
+        idle[stage] = idle.get(stage, 0.0) + (t - last) * (1 - util / 100)
+        last = t
+    return {k: round(v, 1) for k, v in idle.items()}
+
+
 def study_table(args) -> None:
     """Issue 25's study benchmark (benchmarks/study_gpu.sh): each workflow run's wall, GPU busy and jobs' split."""
     study = json.loads(Path(args.study).read_text())
@@ -309,6 +329,14 @@ def study_table(args) -> None:
         status = "" if r["returncode"] == 0 else " (failed: see note)"
         lines.append(f"| {r['machine']} | {r['label']}{status} | {r['seconds']:.0f} | {busy} | {total('prepare_model'):.0f} | "
                      f"{total('finetune'):.0f} | {total('generate') + total('generate_base'):.0f} | {split} | {gsplit} | {side} |")
+    timed = [r for r in study["records"] if r.get("idle_by_stage")]
+    if timed:
+        lines += ["", "Where the GPU waited: idle seconds (one minus nvidia-smi's utilisation) under each GPU job, "
+                  "numbered in the order they ran, and under none.", "", "| machine | run | idle s | under each |", "|---|---|---|---|"]
+        for r in timed:
+            idle = r["idle_by_stage"]
+            under = ", ".join(f"{k} {v:.0f}" for k, v in idle.items())
+            lines.append(f"| {r['machine']} | {r['label']} | {sum(idle.values()):.0f} | {under} |")
     text = f"# {study['title']}\n\n{study['summary']}\n\n" + "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)
