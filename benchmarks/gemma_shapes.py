@@ -50,11 +50,23 @@ GEMMA4_TEXT = {
                        num_key_value_heads=1, num_kv_shared_layers=20, sliding_window_pattern=5),
     "gemma4_e4b": dict(GEMMA4, num_hidden_layers=42, hidden_size=2560, intermediate_size=10240, num_attention_heads=8,
                        num_key_value_heads=2, num_kv_shared_layers=18, sliding_window_pattern=6),
+    # The mixture of experts: each layer's dense MLP beside 128 experts, 8 of them used a token; no
+    # per-layer embeddings; global layers with 2 KV heads whose keys are their values. KerasHub's preset
+    # says only "30-layer, 26B total, 4B active"; these are the GGUF's metadata of the text decoder.
+    "gemma4_26b_a4b": dict(GEMMA4, hidden_size_per_layer_input=0, use_double_wide_mlp=False,
+                           sliding_window=1024, num_hidden_layers=30, hidden_size=2816, intermediate_size=2112,
+                           num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, attention_k_eq_v=True,
+                           num_kv_shared_layers=0, sliding_window_pattern=6, enable_moe_block=True, num_experts=128,
+                           top_k_experts=8, moe_intermediate_size=704),
     # For a dry run of this script on a CPU.
     "gemma4_tiny": dict(GEMMA4, vocab_size=1000, vocab_size_per_layer_input=1000, head_dim=32, global_head_dim=64,
                         hidden_size_per_layer_input=16, sliding_window=16, num_hidden_layers=6, hidden_size=64, intermediate_size=128,
                         num_attention_heads=2, num_key_value_heads=1, num_kv_shared_layers=2, sliding_window_pattern=3),
 }
+GEMMA4_TEXT["gemma4_tiny_moe"] = dict(GEMMA4_TEXT["gemma4_tiny"], hidden_size_per_layer_input=0,
+                                      use_double_wide_mlp=False, num_kv_shared_layers=0, num_key_value_heads=2,
+                                      num_global_key_value_heads=1, attention_k_eq_v=True, enable_moe_block=True, num_experts=8,
+                                      top_k_experts=2, moe_intermediate_size=32)
 MODELS = [*KERAS_GEMMA, *GEMMA4_TEXT]
 
 
@@ -74,7 +86,10 @@ def compute_params(model: str, params: int) -> int:
     """The parameters a token's matrix products use: Gemma 3n and 4's per-layer embeddings are looked up, not multiplied."""
     if family(model) == "gemma4":
         c = GEMMA4_TEXT[model]
-        return params - c["vocab_size_per_layer_input"] * c["num_hidden_layers"] * c["hidden_size_per_layer_input"]
+        looked_up = c["vocab_size_per_layer_input"] * c["num_hidden_layers"] * c["hidden_size_per_layer_input"]
+        # A token's experts are top_k_experts of num_experts (gate, up and down projections each).
+        idle_experts = c.get("num_experts", 0) - c.get("top_k_experts", 0) if c.get("enable_moe_block") else 0
+        return params - looked_up - c["num_hidden_layers"] * idle_experts * 3 * c["hidden_size"] * (c.get("moe_intermediate_size") or 0)
     if family(model) != "gemma3n":
         return params
     c = KERAS_GEMMA[model]
@@ -125,8 +140,11 @@ def gemma4_backbone_arguments(model: str) -> dict:
     from keras_hub.src.utils.transformers.convert_gemma4 import convert_backbone_config
 
     config = gemma4_hf_config(model).to_dict()
-    # transformers folds global_head_dim into per_layer_config; Google's config.json, which the converter reads, states it.
-    return convert_backbone_config({**config, "global_head_dim": GEMMA4_TEXT[model]["global_head_dim"]})
+    # transformers folds global_head_dim (and the global KV heads) into per_layer_config; Google's config.json,
+    # which the converter reads, states them.
+    c = GEMMA4_TEXT[model]
+    return convert_backbone_config({**config, "global_head_dim": c["global_head_dim"],
+                                    "num_global_key_value_heads": c.get("num_global_key_value_heads")})
 
 
 def gemma3n_backbone_arguments(model: str) -> dict:
