@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -50,9 +53,6 @@ def test_rouge_equals_evaluates_rouge_module():
 
 def test_a_score_job_imports_no_machine_learning_framework(tmp_path):
     """Scoring needs rouge-score, NumPy and pandas: no JAX, Keras, TensorFlow, torch or datasets to start."""
-    import subprocess
-    import sys
-
     write_jsonl(tmp_path / "g.jsonl", [{"id": 1, "category": "open_qa", "prediction": "a cat", "reference": "the cat"}])
     code = (
         "import sys\n"
@@ -122,6 +122,31 @@ def test_score_generations_writes_all_three_files(tmp_path):
     by_category = pd.read_csv(tmp_path / "c.csv").set_index("category")
     assert by_category.loc["open_qa", "examples"] == 4
     assert by_category.loc["open_qa", "rougeL"] == pytest.approx(per_example.loc[[0, 1, 3, 4], "rougeL"].mean(), abs=1e-6)
+
+
+def test_scoring_runs_side_by_side_writes_what_one_at_a_time_writes_and_names_a_bad_file(tmp_path):
+    from lorastudy.scoring import score_all
+
+    runs = ["base", "r4", "r16"]
+    for k, run in enumerate(runs):
+        write_jsonl(tmp_path / f"{run}.jsonl", [{"id": i, "category": "open_qa", "prediction": p if (i + k) % 2 else r, "reference": r}
+                                                for i, (r, p) in enumerate(PAIRS)])
+    files = {way: [[str(tmp_path / way / f"{run}_{kind}") for run in runs] for kind in ("e.csv", "s.json", "c.csv")] for way in ("one", "pool")}
+    inputs = [str(tmp_path / f"{run}.jsonl") for run in runs]
+    (tmp_path / "one").mkdir()
+    summaries = score_all(inputs, *files["one"], bootstrap_samples=200)
+    assert [s["rougeL"]["mean"] for s in summaries] == [json.loads(Path(p).read_text())["rougeL"]["mean"] for p in files["one"][1]]
+    # Side by side in a fresh interpreter, as the score job runs (this test process has JAX's threads, which forking warns of).
+    (tmp_path / "pool").mkdir()
+    call = f"score_all({inputs!r}, *{files['pool']!r}, processes=3, bootstrap_samples=200)"
+    subprocess.run([sys.executable, "-c", f"from lorastudy.scoring import score_all\n{call}"], check=True)
+    for one, pool in zip(sum(files["one"], []), sum(files["pool"], [])):
+        assert Path(one).read_bytes() == Path(pool).read_bytes(), one
+    write_jsonl(tmp_path / "empty.jsonl", [])
+    bad = [str(tmp_path / "base.jsonl"), str(tmp_path / "empty.jsonl")]
+    call = f"score_all({bad!r}, *{[[str(tmp_path / f'x{i}_{k}') for i in range(2)] for k in 'esc']!r}, processes=2)"
+    done = subprocess.run([sys.executable, "-c", f"from lorastudy.scoring import score_all\n{call}"], capture_output=True, text=True)
+    assert done.returncode != 0 and "empty.jsonl: no generations to score" in done.stderr
 
 
 def test_answers_of_several_generation_seeds_are_scored_as_their_mean():

@@ -145,6 +145,16 @@ def run_files(pattern):
     return [pattern.format(model=r["model"], run=r["run"]) for r in RUNS]
 
 
+def model_run_files(pattern):
+    """One model's every scored run (its base first), the {model} wildcard kept."""
+    model = GRID["models"][0]  # every model has the same runs
+    return [
+        pattern.format(model="{model}", run=r["run"])
+        for r in RUNS
+        if r["model"] == model
+    ]
+
+
 def finetune_files(pattern):
     return [
         pattern.format(model=m, subset=s, rank=k, seed=seed)

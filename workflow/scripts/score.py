@@ -1,11 +1,12 @@
 from lorastudy.logs import logging_to
-from lorastudy.scoring import score_generations
+from lorastudy.scoring import score_all
 
 with logging_to(snakemake.log[0]):
-    score_generations(
-        snakemake.input[0],
-        per_example_path=snakemake.output.per_example,
-        summary_path=snakemake.output.summary,
-        by_category_path=snakemake.output.by_category,
+    score_all(
+        list(snakemake.input),
+        per_example_paths=snakemake.output.per_example,
+        summary_paths=snakemake.output.summary,
+        by_category_paths=snakemake.output.by_category,
+        processes=snakemake.threads,
         **snakemake.params,
     )
