@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lorastudy import paths, replicates
-from lorastudy.scoring import ROUGE_TYPES, bootstrap_indices, percentile_interval
+from lorastudy.scoring import ROUGE_TYPES, bootstrap_counts, bootstrap_indices, percentile_interval
 
 
 def test_holm_matches_the_step_down_procedure():
@@ -21,7 +21,7 @@ def test_holm_matches_the_step_down_procedure():
 
 def test_with_one_seed_the_two_level_bootstrap_is_the_plain_one():
     values = np.random.default_rng(1).random(50)
-    means = replicates.resampled_means(values[None, :], 200, np.random.default_rng(7))
+    means = replicates.resampled_means(values[None, :], *bootstrap_counts(50, 200, 7))
     assert means == pytest.approx(values[bootstrap_indices(50, 200, 7)].mean(axis=1))
 
 
@@ -30,7 +30,7 @@ def test_seed_variation_widens_the_interval():
     examples = rng.random(400)
     same = np.stack([examples] * 3)
     spread = np.stack([examples + offset for offset in (-0.05, 0.0, 0.05)])
-    width = lambda m: np.subtract(*percentile_interval(replicates.resampled_means(m, 2000, np.random.default_rng(3)), 0.95)[::-1])  # noqa: E731
+    width = lambda m: np.subtract(*percentile_interval(replicates.resampled_means(m, *bootstrap_counts(m.shape[1], 2000, 3)), 0.95)[::-1])  # noqa: E731
     assert width(spread) > 1.5 * width(same)
 
 

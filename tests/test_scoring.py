@@ -13,7 +13,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from lorastudy.io import write_jsonl
-from lorastudy.scoring import ROUGE_TYPES, bootstrap_indices, mean_interval, paired_difference, rouge_per_example, score_generations
+from lorastudy.scoring import ROUGE_TYPES, bootstrap_counts, bootstrap_indices, mean_interval, paired_difference, rouge_per_example, score_generations
 
 PAIRS = [
     ("The cat sat on the mat.", "A cat was sitting on the mat."),
@@ -79,7 +79,7 @@ def test_bootstrap_interval_contains_the_mean_and_narrows_with_n():
     widths = []
     for n in (50, 500, 5000):
         values = rng.uniform(size=n)
-        ci = mean_interval(values, bootstrap_indices(n, 1000, seed=1))
+        ci = mean_interval(values, bootstrap_counts(n, 1000, seed=1)[0])
         assert ci["low"] < ci["mean"] < ci["high"]
         widths.append(ci["high"] - ci["low"])
     assert widths[0] > widths[1] > widths[2]
@@ -89,8 +89,23 @@ def test_bootstrap_interval_contains_the_mean_and_narrows_with_n():
 
 def test_bootstrap_is_seeded():
     values = np.arange(100.0)
-    assert mean_interval(values, bootstrap_indices(100, 500, 3)) == mean_interval(values, bootstrap_indices(100, 500, 3))
-    assert mean_interval(values, bootstrap_indices(100, 500, 3)) != mean_interval(values, bootstrap_indices(100, 500, 4))
+    assert mean_interval(values, bootstrap_counts(100, 500, 3)[0]) == mean_interval(values, bootstrap_counts(100, 500, 3)[0])
+    assert mean_interval(values, bootstrap_counts(100, 500, 3)[0]) != mean_interval(values, bootstrap_counts(100, 500, 4)[0])
+
+
+def test_bootstrap_counts_are_the_indices_and_the_generator_goes_on_after_them():
+    values = np.random.default_rng(2).random(60)
+    indices = bootstrap_indices(60, 300, 5)
+    counts, rng = bootstrap_counts(60, 300, 5)
+    assert counts.sum(axis=1).tolist() == [60] * 300
+    assert counts @ values / 60 == pytest.approx(values[indices].mean(axis=1), rel=1e-12)
+    after = np.random.default_rng(5)
+    after.integers(0, 60, size=(300, 60))
+    expected = after.integers(0, 3, size=50).tolist()
+    assert rng.integers(0, 3, size=50).tolist() == expected
+    # Cached, so read-only; a second call's generator starts where the first one's did.
+    assert not counts.flags.writeable
+    assert bootstrap_counts(60, 300, 5)[1].integers(0, 3, size=50).tolist() == expected
 
 
 def test_paired_difference():
@@ -102,7 +117,7 @@ def test_paired_difference():
     diff = paired_difference(better.sample(frac=1, random_state=1), base, "rougeL", 500, 0)
     assert diff["low"] > 0.04 and diff["high"] < 0.06
     # Paired: far narrower than the spread of either run's own mean.
-    own = mean_interval(base["rougeL"].to_numpy(), bootstrap_indices(300, 500, 0))
+    own = mean_interval(base["rougeL"].to_numpy(), bootstrap_counts(300, 500, 0)[0])
     assert diff["high"] - diff["low"] < (own["high"] - own["low"]) / 5
     with pytest.raises(ValueError, match="different test examples"):
         paired_difference(better.iloc[:-1], base, "rougeL", 100, 0)

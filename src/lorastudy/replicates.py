@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from lorastudy import paths
-from lorastudy.scoring import ROUGE_TYPES, percentile_interval
+from lorastudy.scoring import ROUGE_TYPES, bootstrap_counts, percentile_interval
 
 CELL = ("model", "subset", "rank", "epoch")
 AXES = {"rank": ("subset", "epoch"), "epoch": ("subset", "rank"), "subset": ("rank", "epoch")}
@@ -47,15 +47,15 @@ def by_cell(by_category: pd.DataFrame) -> pd.DataFrame:
     return cells.groupby(["model", "run", "category"], sort=False).mean(numeric_only=True).reset_index()
 
 
-def resampled_means(matrix: np.ndarray, samples: int, rng: np.random.Generator, examples: np.ndarray | None = None) -> np.ndarray:
+def resampled_means(matrix: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """[samples] means of a seeds × examples matrix, seeds and then examples resampled.
 
-    `examples` ([samples, n] indices) lets two cells share their resampled examples.
+    `counts` are the resampled examples (`scoring.bootstrap_counts`, shared by
+    every cell); `rng` draws the seeds.
     """
     seeds, n = matrix.shape
-    if examples is None:
-        examples = rng.integers(0, n, size=(samples, n))
-    per_seed = matrix[:, examples].mean(axis=2)  # [seeds, samples]
+    samples = len(counts)
+    per_seed = matrix @ counts.T / n  # [seeds, samples]
     drawn = rng.integers(0, seeds, size=(samples, seeds))
     return per_seed[drawn, np.arange(samples)[:, None]].mean(axis=1)
 
@@ -108,15 +108,14 @@ def cell_summary(
                "seeds": len(runs), **runs[numeric].mean().to_dict()}
         for key in ROUGE_TYPES:
             m = matrices[key][cell]
-            rng = np.random.default_rng(seed)
-            low, high = percentile_interval(resampled_means(m, samples, rng), confidence)
+            low, high = percentile_interval(resampled_means(m, *bootstrap_counts(m.shape[1], samples, seed)), confidence)
             per_seed = m.mean(axis=1)
             row |= {f"{key}_mean": float(m.mean()), f"{key}_low": low, f"{key}_high": high,
                     f"{key}_seed_sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")}
             if cell[1] != paths.BASE:
                 base = matrices[key][(first["model"], paths.BASE)]
                 diff = m - base.mean(axis=0)
-                low, high = percentile_interval(resampled_means(diff, samples, np.random.default_rng(seed)), confidence)
+                low, high = percentile_interval(resampled_means(diff, *bootstrap_counts(diff.shape[1], samples, seed)), confidence)
                 row |= {f"{key}_diff": float(diff.mean()), f"{key}_diff_low": low, f"{key}_diff_high": high}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -144,9 +143,8 @@ def comparisons(
     rows = []
     n = next(iter(matrices.values())).shape[1]
     for axis, a, b in _pairs(list(matrices)):
-        rng = np.random.default_rng(seed)
-        examples = rng.integers(0, n, size=(samples, n))
-        diffs = resampled_means(matrices[a], samples, rng, examples) - resampled_means(matrices[b], samples, rng, examples)
+        counts, rng = bootstrap_counts(n, samples, seed)  # the same examples for both cells
+        diffs = resampled_means(matrices[a], counts, rng) - resampled_means(matrices[b], counts, rng)
         low, high = percentile_interval(diffs, confidence)
         tail = min((diffs <= 0).sum(), (diffs >= 0).sum())
         rows.append({"model": a[0], "compares": axis, "a": _label(a), "b": _label(b),

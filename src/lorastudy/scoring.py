@@ -9,6 +9,7 @@ examples for both), so the interval reflects only how the two differ.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -55,10 +56,33 @@ def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(samples, n))
 
 
-def mean_interval(values: np.ndarray, indices: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
-    """Mean and percentile-bootstrap interval of `values` over resamples `indices`."""
+def bootstrap_counts(n: int, samples: int, seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    """`bootstrap_indices(n, samples, seed)` as [samples, n] counts (how often each example is drawn in each
+    resample), and a generator of `seed` that has drawn them: what it draws next follows the resamples.
+
+    Every resample's mean is then one matrix product, `counts @ values / n`, where indexing copies
+    samples x n values: the summary of the Gemma 2B half takes over 700 intervals over the same resamples.
+    """
+    counts, state = _counts(n, samples, seed)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return counts, rng
+
+
+@functools.lru_cache(maxsize=8)
+def _counts(n: int, samples: int, seed: int) -> tuple[np.ndarray, dict]:
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, n, size=(samples, n))
+    counts = np.bincount((np.arange(samples)[:, None] * n + indices).ravel(), minlength=samples * n)
+    counts = counts.reshape(samples, n).astype(float)
+    counts.setflags(write=False)  # shared by every caller of the cache
+    return counts, rng.bit_generator.state
+
+
+def mean_interval(values: np.ndarray, counts: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
+    """Mean and percentile-bootstrap interval of `values` over resamples given as `bootstrap_counts`."""
     values = np.asarray(values, dtype=float)
-    low, high = percentile_interval(values[indices].mean(axis=1), confidence)
+    low, high = percentile_interval(counts @ values / len(values), confidence)
     return {"mean": float(values.mean()), "low": low, "high": high}
 
 
@@ -85,12 +109,12 @@ def score_generations(
     frame = pd.DataFrame({"id": [r["id"] for r in rows], "category": [r["category"] for r in rows]})
     scores = answer_scores(rows)
     frame = pd.concat([frame, scores], axis=1)
-    indices = bootstrap_indices(len(frame), bootstrap_samples, seed)
+    counts, _ = bootstrap_counts(len(frame), bootstrap_samples, seed)
     summary = {
         "examples": len(frame),
         "bootstrap_samples": bootstrap_samples,
         "confidence": confidence,
-        **{key: mean_interval(frame[key].to_numpy(), indices, confidence) for key in ROUGE_TYPES},
+        **{key: mean_interval(frame[key].to_numpy(), counts, confidence) for key in ROUGE_TYPES},
     }
     by_category = frame.groupby("category")[list(ROUGE_TYPES)].mean().assign(examples=frame.groupby("category").size())
     with atomic_open(per_example_path) as f:
@@ -133,8 +157,15 @@ def paired_difference(
     run: pd.DataFrame, base: pd.DataFrame, key: str, samples: int, seed: int, confidence: float = 0.95
 ) -> dict[str, float]:
     """Mean of run − base over the same examples, with a paired-bootstrap interval."""
-    merged = run[["id", key]].merge(base[["id", key]], on="id", suffixes=("", "_base"), validate="one_to_one")
+    return paired_differences(run, base, [key], samples, seed, confidence)[key]
+
+
+def paired_differences(
+    run: pd.DataFrame, base: pd.DataFrame, keys: Sequence[str], samples: int, seed: int, confidence: float = 0.95
+) -> dict[str, dict[str, float]]:
+    """`paired_difference` of each of `keys`, the examples matched once."""
+    merged = run[["id", *keys]].merge(base[["id", *keys]], on="id", suffixes=("", "_base"), validate="one_to_one")
     if len(merged) != len(run) or len(merged) != len(base):
         raise ValueError("a run and its base model were scored on different test examples")
-    diff = (merged[key] - merged[f"{key}_base"]).to_numpy()
-    return mean_interval(diff, bootstrap_indices(len(diff), samples, seed), confidence)
+    counts, _ = bootstrap_counts(len(merged), samples, seed)
+    return {key: mean_interval((merged[key] - merged[f"{key}_base"]).to_numpy(), counts, confidence) for key in keys}

@@ -20,7 +20,7 @@ import pandas as pd
 from lorastudy import paths
 from lorastudy.io import atomic_open
 from lorastudy.replicates import cell_summary, comparisons
-from lorastudy.scoring import ROUGE_TYPES, paired_difference
+from lorastudy.scoring import ROUGE_TYPES, paired_differences
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def summarize(
             raise ValueError(f"no base run for model {row['model']}: every model's base must be scored")
         if row["run"] == paths.BASE:
             continue
-        for key in ROUGE_TYPES:
-            diff = paired_difference(per_example[(row["model"], row["run"])], base, key, bootstrap_samples, seed, confidence)
+        diffs = paired_differences(per_example[(row["model"], row["run"])], base, ROUGE_TYPES, bootstrap_samples, seed, confidence)
+        for key, diff in diffs.items():
             row.update({f"{key}_diff": diff["mean"], f"{key}_diff_low": diff["low"], f"{key}_diff_high": diff["high"]})
 
     table = pd.DataFrame(rows)
