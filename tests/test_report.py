@@ -6,10 +6,12 @@ import base64
 import itertools
 import copy
 import html.parser
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -129,6 +131,26 @@ def test_figures_and_report_rebuild_from_scores_alone(smoke_run, tmp_path):
     for name in paths.FIGURE_NAMES:
         assert (tmp_path / paths.figure(name, "png")).is_file()
     assert len(_parse(tmp_path / paths.REPORT).images) == len(paths.FIGURE_NAMES)
+
+
+def test_figures_drawn_side_by_side_are_the_files_drawn_one_by_one(smoke_run, tmp_path):
+    table = pd.read_csv(smoke_run / paths.SUMMARY, dtype={"subset": str})
+    runs = [{k: (int(v) if k in ("rank", "seed", "epoch") else v) for k, v in row.items() if pd.notna(v)}
+            for row in table[["model", "run", "subset", "rank", "seed", "epoch"]].to_dict("records")]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    out = {n: {kind: [str(tmp_path / str(n) / f"{name}.{kind}") for name in paths.FIGURE_NAMES] for kind in ("png", "pdf")}
+           for n in (1, 3)}
+    # A fresh interpreter: the pool forks, and this test process may hold JAX's threads.
+    code = (
+        "import json\nfrom lorastudy.plots import render_figures\n"
+        f"runs = json.load(open({str(tmp_path / 'runs.json')!r}))\n"
+        + "".join(f"render_figures({paths.SUMMARY!r}, {paths.CELL_SUMMARY!r}, {paths.SUMMARY_BY_CATEGORY!r}, runs, "
+                  f"png={out[n]['png']!r}, pdf={out[n]['pdf']!r}, processes={n})\n" for n in out)
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=smoke_run, check=True)
+    for kind in ("png", "pdf"):
+        for one, side_by_side in zip(out[1][kind], out[3][kind], strict=True):
+            assert Path(one).read_bytes() == Path(side_by_side).read_bytes(), side_by_side
 
 
 def _chromium() -> str:

@@ -52,6 +52,8 @@ rule figures:
         paths.log("report", "figures"),
     conda:
         "../envs/data.yaml"
+    # The figures are drawn in processes side by side (lorastudy.plots.render_figures).
+    threads: 8
     params:
         runs=RUNS,
     script:

@@ -9,4 +9,5 @@ with logging_to(snakemake.log[0]):
         runs=snakemake.params.runs,
         png=snakemake.output.png,
         pdf=snakemake.output.pdf,
+        processes=snakemake.threads,
     )
