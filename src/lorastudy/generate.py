@@ -268,11 +268,10 @@ def _generate_all(
               # falls to the first run at each batch shape (or the persistent cache).
               "runs_in_job": len(runs), "load_seconds": load_seconds}
     write = functools.partial(_write_answers, preset, records, prompts, prompt_ids, tokenizer, common)
-    all_stats, generator, scale = [], None, None
+    written, generator, scale = [], None, None
     # A run's answers are detokenized and written on a thread while the next run
     # generates: done in between, they left the GPU waiting (about 0.3 s a run).
     with ThreadPoolExecutor(1, thread_name_prefix="answers") as writer:
-        written = None
         for answering in job:
             run = answering.adapter
             run_scale = use_adapter(causal_lm.backbone, run)
@@ -284,12 +283,10 @@ def _generate_all(
                 run_started = time.perf_counter()
                 outputs = [generator(prompt_ids, seed) for seed in s.answer_seeds]
                 seconds = time.perf_counter() - run_started
-            if written is not None:
-                all_stats.append(written.result())  # in order; a failed write stops the job here
-            written = writer.submit(write, answering, outputs, seconds, compiled)
-        if written is not None:
-            all_stats.append(written.result())
-    return all_stats
+            if written:
+                written[-1].result()  # a failed write stops the job here
+            written.append(writer.submit(write, answering, outputs, seconds, compiled))
+    return [future.result() for future in written]
 
 
 def _write_answers(
