@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lorastudy import resident
 from lorastudy.compilation import use_compilation_cache
 from lorastudy.lora import LoraSpec
 from lorastudy.stacked_wave import Group, GroupRun, Wave
@@ -73,9 +74,14 @@ def finetune_group(
         raise ValueError(f"the runs of a group train the same epochs; got {sorted(epochs)}")
     use_compilation_cache(compilation_cache)
     _one_device()
-    group = Group.load(preset, train_path, val_path, runs, template, s, epochs.pop())
-    trainer = _Trainer(group, Path(checkpoint_dir), started)
-    stats = [trainer.train(wave) for wave in waves_by_scale(runs, s.lora_alpha)]
+    try:
+        group = Group.load(preset, train_path, val_path, runs, template, s, epochs.pop())
+        trainer = _Trainer(group, Path(checkpoint_dir), started)
+        stats = [trainer.train(wave) for wave in waves_by_scale(runs, s.lora_alpha)]
+    except BaseException:
+        resident.release()  # what a failed job built is not handed to the next
+        raise
+    resident.end_of_job()
     results = [run_stats for wave in stats for run_stats in wave]
     failed = [r["run"] for r in results if r.get("failed")]
     if failed:

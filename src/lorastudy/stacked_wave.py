@@ -10,6 +10,7 @@ checkpoints, and each run's files.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lorastudy import resident
 from lorastudy.ahead import AheadPrograms
 from lorastudy.checkpoints import WaveCheckpoint, fingerprint
 from lorastudy.internals import lora_layer_indices
@@ -32,6 +34,7 @@ from lorastudy.training import (
     TrainSettings,
     bucket_widths,
     encode_splits,
+    learning_rate,
     make_optimizer,
     peak_memory,
     publish_adapter,
@@ -78,23 +81,23 @@ class Group:
     train_rows: list | None = None  # the packed rows (train.packing), packed once
     val_rows: list | None = None
 
+    base_reused: bool = False  # the base and its traced steps came from the previous job (lorastudy.resident)
+
     @classmethod
     def load(cls, preset, train_path, val_path, runs, template, s: TrainSettings, epochs: int) -> Group:
-        from lorastudy.loss import response_loss_model
-
-        dtype, lora_policy = dtype_policies(s.precision, training=True)
-        causal_lm = load_causal_lm(preset, dtype=dtype, remat=s.gradient_checkpointing)
         rank = max(run.rank for run in runs)
-        layers = enable_lora(causal_lm.backbone, LoraSpec(rank, s.lora_targets), lora_policy, s.quantize)
-        without_fused_attention(causal_lm.backbone)
+        key = (str(Path(preset).resolve()), resident.preset_files(preset), s.precision, s.gradient_checkpointing, rank,
+               s.lora_targets, s.quantize, s.packing)
+        (causal_lm, model, layers, dtype), reused = resident.base(key, lambda: _load_base(preset, s, rank))
+        if reused:
+            log.info("the base of %s and its traced steps are the previous job's (the same preset files and settings)", preset)
         tokenizer = causal_lm.preprocessor.tokenizer
         train, val, counts = encode_splits(tokenizer, train_path, val_path, template, s)
         widths = bucket_widths(s, train, val, epochs, runs=len(runs))
-        model = response_loss_model(causal_lm, segments=s.packing)
         files = [str(train_path), str(val_path), str(Path(preset) / "config.json")]
         rows = [pack_rows([ex.length for ex in split], widths[0]) for split in (train, val)] if s.packing else [None, None]
         return cls(str(preset), s, template, epochs, causal_lm, model, layers, rank, train, val, counts, widths,
-                   tokenizer.pad_token_id, files, dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}", *rows)
+                   tokenizer.pad_token_id, files, dtype, *rows, base_reused=reused)
 
     def plan(self, seed: int | None, epoch: int, examples: Sequence[Example]) -> list[Batch]:
         """One run's batches of an epoch, exactly as its separate run orders them (`finetune.Batches`)."""
@@ -104,6 +107,18 @@ class Group:
 
     def stack(self, batches: Sequence[Batch], examples: Sequence[Example]) -> dict[str, np.ndarray]:
         return stack_batches(batches, examples, self.pad_id)
+
+
+def _load_base(preset, s: TrainSettings, rank: int) -> tuple[Any, Any, list, str]:
+    """The base with LoRA enabled at `rank`, its training model, its LoRA layers, and its dtypes in words."""
+    from lorastudy.loss import response_loss_model
+
+    dtype, lora_policy = dtype_policies(s.precision, training=True)
+    causal_lm = load_causal_lm(preset, dtype=dtype, remat=s.gradient_checkpointing)
+    layers = enable_lora(causal_lm.backbone, LoraSpec(rank, s.lora_targets), lora_policy, s.quantize)
+    without_fused_attention(causal_lm.backbone)
+    model = response_loss_model(causal_lm, segments=s.packing)
+    return causal_lm, model, layers, dtype if lora_policy is None else f"{dtype}, LoRA {lora_policy}"
 
 
 class Wave:
@@ -127,7 +142,10 @@ class Wave:
         self.state = [jnp.broadcast_to(v.value, (k, *v.shape)) + 0 for v in self.optimizer.variables]
         self.alive = jnp.ones((k,), bool)
         self.frozen = [v.value for v in g.model.non_trainable_variables]
-        self.train_step, self.validate_step = stacked_steps(g.model, self.optimizer)
+        # The traced steps depend on LoRA's scale (the layers' alpha) and the optimizer, besides the base.
+        schedule = None if isinstance(learning_rate(s, total_steps), (int, float)) else total_steps
+        key = (tuple(layer.lora_alpha for layer in g.layers), json.dumps(dataclasses.asdict(s), sort_keys=True, default=str), schedule)
+        self.train_step, self.validate_step = resident.steps(key, lambda: stacked_steps(g.model, self.optimizer))
         self.programs = AheadPrograms()  # keyed by ("train" or "validation", width)
         self.history: list[list[dict[str, Any]]] = [[] for _ in self.runs]
         self.times = dict.fromkeys(("train_seconds", "train_compile_seconds", "validation_seconds", "validation_compile_seconds"), 0.0)
@@ -338,6 +356,7 @@ class Wave:
             "wave": [r.name for r in self.runs],
             "wave_seconds": t,
             "load_seconds_this_run": self.trainer.load_seconds,
+            "base_from_previous_job": g.base_reused,
             "compiled_programs_this_run": len(self.programs),
             "wall_seconds_this_run": time.perf_counter() - self.trainer.started,
             "epochs_trained_this_run": g.epochs - self.checkpoint.resumed_from,

@@ -18,7 +18,10 @@ with the job's own log, and stays for the next job.
 - Nothing of one job reaches the next but the imports and the CUDA context:
   Keras's session (layer names, seeds) and JAX's in-memory programs are
   cleared after each call, and the working directory is the job's. The
-  persistent compilation cache carries over, as between processes.
+  persistent compilation cache carries over, as between processes. One
+  thing more, by design: a grouped finetune job's base and traced steps,
+  for the next finetune job of the same model and settings
+  (`lorastudy.resident`); any other job drops them first.
 - Only under Snakemake (a `snakemake` process above the script) and with the
   config's `resident_worker: true`, and not for a job that asks for no GPU on
   a machine that has some; otherwise the call runs in the script's own
@@ -44,6 +47,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from lorastudy import resident
 from lorastudy.gpus import claimed_gpus, held_slot_fds, visible_gpus
 from lorastudy.logs import logging_to
 
@@ -255,6 +259,7 @@ def _resolve(target: str):
 
 def serve(path: Path, leader: int, idle_seconds: float = IDLE_SECONDS) -> None:
     """Answer jobs on the socket at `path` until `leader` exits or no job comes for `idle_seconds`."""
+    resident.keep = True
     listener = Listener(str(path), "AF_UNIX")
     state = {"busy": False, "since": time.monotonic()}
     threading.Thread(target=_watch, args=(path, leader, state, idle_seconds), daemon=True).start()
@@ -284,6 +289,8 @@ def serve(path: Path, leader: int, idle_seconds: float = IDLE_SECONDS) -> None:
 
 def _call(target: str, kwargs: dict, log_path: str, cwd: str) -> tuple[str, Any]:
     os.chdir(cwd)
+    if target != resident.USER:
+        resident.release()
     try:
         with logging_to(log_path) as job_log:
             job_log.info("worker %d: job %d here; device memory in use before it: %s", os.getpid(), next(_JOBS), _in_use())
@@ -310,13 +317,18 @@ def _in_use() -> str:
 
 
 def _forget() -> None:
-    """Clear what a job leaves in the process: Keras's session and JAX's in-memory programs."""
+    """Clear what a job leaves in the process: Keras's session and JAX's in-memory programs.
+
+    Not while a grouped finetune job's base is held for the next job of its
+    model (`lorastudy.resident`): its steps' traced programs are what is kept.
+    """
     import gc
 
-    if "keras" in sys.modules:
-        sys.modules["keras"].backend.clear_session()
-    if "jax" in sys.modules:
-        sys.modules["jax"].clear_caches()
+    if not resident.held():
+        if "keras" in sys.modules:
+            sys.modules["keras"].backend.clear_session()
+        if "jax" in sys.modules:
+            sys.modules["jax"].clear_caches()
     gc.collect()
 
 
