@@ -7,7 +7,8 @@ the resident worker (`lorastudy.worker`) the next job of the same model
 takes the base, and the jitted steps with every program JAX traced for them,
 from the job before. On an H200 each later job of the Gemma 2B half spent
 about 5 s loading and 22.5 s tracing the twelve programs that the first had
-traced, with the GPU idle.
+traced, with the GPU idle; with the base kept, 1.4 s and 0.1 s
+(benchmarks/results/study_gpu.md, h200_o and h200_p).
 
 What is reused is keyed by everything it is built from. The base: the
 preset's files (paths, sizes, modification times) and the settings that

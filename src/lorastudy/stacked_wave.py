@@ -80,7 +80,6 @@ class Group:
     dtype: str
     train_rows: list | None = None  # the packed rows (train.packing), packed once
     val_rows: list | None = None
-
     base_reused: bool = False  # the base and its traced steps came from the previous job (lorastudy.resident)
 
     @classmethod
