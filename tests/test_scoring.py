@@ -35,6 +35,22 @@ def test_rouge_equals_rouge_scores_own_on_hand_made_pairs():
             assert ours.loc[i, key] == pytest.approx(expected[key].fmeasure, abs=1e-12), (i, key)
 
 
+def test_stemming_each_word_once_gives_the_default_tokenizers_scores():
+    """The score job's tokenizer caches each word's stem; the scores are the default tokenizer's, to the bit."""
+    from dolly_like import SMOKE_DATA
+
+    from lorastudy.io import read_jsonl
+
+    rows = read_jsonl(SMOKE_DATA)
+    references = [r["response"] for r in rows]
+    predictions = [f"{r['instruction']} {other['response']}" for r, other in zip(rows, rows[1:] + rows[:1])]
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    expected = [scorer.score(ref, pred) for ref, pred in zip(references, predictions)]
+    ours = rouge_per_example(predictions, references)
+    for key in ROUGE_TYPES:
+        assert ours[key].tolist() == [e[key].fmeasure for e in expected], key
+
+
 def test_rouge_equals_evaluates_rouge_module():
     """The study's scores are those of `evaluate`'s ROUGE (the module shipped in lorastudy/metrics)."""
     from pathlib import Path

@@ -36,9 +36,30 @@ def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> 
     """
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(rouge_types=list(ROUGE_TYPES), use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(rouge_types=list(ROUGE_TYPES), use_stemmer=True, tokenizer=_stemming_tokenizer())
     scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions)]
     return pd.DataFrame({key: [score[key].fmeasure for score in scores] for key in ROUGE_TYPES})
+
+
+@functools.cache
+def _stemming_tokenizer():
+    """rouge-score's own tokenizer and Porter stemmer (what `use_stemmer=True` builds), each word stemmed once.
+
+    Stemming was 60% of scoring 500 answers here (8.5 of 14.4 s): the same
+    words stemmed again in every answer and reference, and again for
+    ROUGE-Lsum. A word's stem never changes, so the tokens are the same.
+    """
+    from nltk.stem import porter
+    from rouge_score import tokenize, tokenizers
+
+    class StemmedOnce(tokenizers.Tokenizer):
+        def __init__(self):
+            self.stem = functools.cache(porter.PorterStemmer().stem)
+
+        def tokenize(self, text):
+            return tokenize.tokenize(text, self)  # calls self.stem on each word longer than 3 characters
+
+    return StemmedOnce()
 
 
 def answer_scores(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
