@@ -298,27 +298,18 @@ def render_figures(
     processes: matplotlib's layout and rendering take about a second a
     figure, on one core (7 s of an idle GPU at the end of the Gemma 2B half).
     """
+    from lorastudy.forked import forked_map
     from lorastudy.replicates import by_cell
 
     tables = {"summary": read_summary(cells_path), "runs": read_summary(summary_path),
               "by_category": by_cell(pd.read_csv(by_category_path, dtype={"run": str})), "histories": read_histories(runs)}
     png = png or [paths.figure(n, "png") for n in paths.FIGURE_NAMES]
     pdf = pdf or [paths.figure(n, "pdf") for n in paths.FIGURE_NAMES]
-    jobs = list(zip(FIGURES, png, pdf, strict=True))
-    if processes <= 1:
-        done = [_draw(*job, tables) for job in jobs]
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # Forked, as the score job's pool (lorastudy.scoring.score_all): the tables are already in memory.
-        with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
-            done = [future.result() for future in [pool.submit(_draw, *job, tables) for job in jobs]]
+    done = forked_map(_draw, list(zip(FIGURES, png, pdf, strict=True)), processes, **tables)
     for name in done:
         log.info("figure %s written", name)
 
 
-def _draw(name: str, png: str | os.PathLike, pdf: str | os.PathLike, tables: dict) -> str:
-    summary, rest = tables["summary"], {k: v for k, v in tables.items() if k != "summary"}
-    save(FIGURES[name](summary, **rest), png, pdf)
+def _draw(name: str, png: str | os.PathLike, pdf: str | os.PathLike, summary: pd.DataFrame, **tables) -> str:
+    save(FIGURES[name](summary, **tables), png, pdf)
     return name

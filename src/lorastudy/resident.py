@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ _held: dict[str, Any] = {}  # {"key": the base's key, "base": the base, "steps":
 def preset_files(preset: str | os.PathLike) -> tuple:
     """The preset's files as (path, size, modification time): what a reused base must not have missed."""
     root = Path(preset).resolve()
-    return tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file())
+    stats = ((p, p.stat()) for p in sorted(root.rglob("*")) if p.is_file())
+    return tuple((str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in stats)
 
 
 def base(key: Hashable, load: Callable[[], Any]) -> tuple[Any, bool]:
@@ -51,7 +53,7 @@ def base(key: Hashable, load: Callable[[], Any]) -> tuple[Any, bool]:
 
 def steps(key: Hashable, make: Callable[[], Any]) -> Any:
     """The held base's steps for `key` (with the programs traced for them), or `make()`'s, kept with it."""
-    kept = _held.setdefault("steps", {})
+    kept = _held["steps"]  # a wave's steps come after its group's base
     if key not in kept:
         kept[key] = make()
     return kept[key]
@@ -78,9 +80,13 @@ def release() -> None:
         return
     _held.clear()
     if keep:
-        import keras
-        import jax
-
-        keras.backend.clear_session()
-        jax.clear_caches()
+        forget_programs()
     gc.collect()
+
+
+def forget_programs() -> None:
+    """Clear Keras's session and JAX's in-memory programs, where either is imported: what a job leaves behind."""
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session()
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()

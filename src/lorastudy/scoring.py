@@ -161,17 +161,10 @@ def score_all(
     Python, pandas and rouge-score each time (82 score jobs of the Gemma 2B
     half: 38 s of an idle GPU at the end of the study).
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from lorastudy.forked import forked_map
 
     jobs = list(zip(generations_paths, per_example_paths, summary_paths, by_category_paths, strict=True))
-    if processes <= 1 or len(jobs) <= 1:
-        return [score_generations(*paths, **settings) for paths in jobs]
-    # Forked: a Snakemake script has no __main__ guard for spawn to re-import,
-    # and the score job has no threads (it imports no machine-learning framework).
-    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
-        done = [pool.submit(score_generations, *paths, **settings) for paths in jobs]
-        return [future.result() for future in done]
+    return forked_map(score_generations, jobs, processes, **settings)
 
 
 def paired_difference(

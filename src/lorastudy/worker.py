@@ -325,10 +325,7 @@ def _forget() -> None:
     import gc
 
     if not resident.held():
-        if "keras" in sys.modules:
-            sys.modules["keras"].backend.clear_session()
-        if "jax" in sys.modules:
-            sys.modules["jax"].clear_caches()
+        resident.forget_programs()
     gc.collect()
 
 
