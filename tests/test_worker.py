@@ -46,12 +46,6 @@ SNAKEFILE = textwrap.dedent(
         params: target="lorastudy.io.read_jsonl", resident="1", kwargs='{{"path": "missing.jsonl"}}'
         shell: CALL
 
-    rule tunables:
-        output: "tunables.txt"
-        log: "logs/tunables.log"
-        params: target="os.getenv", resident="1", kwargs='{{"key": "GLIBC_TUNABLES"}}'
-        shell: CALL
-
     rule sleeps:
         output: "slept.txt"
         log: "logs/sleeps.log"
@@ -205,15 +199,3 @@ def test_a_socket_path_too_long_for_af_unix_runs_the_job_here_and_says_so(tmp_pa
     log = tmp_path / "job.log"
     assert worker.run_job("os.getpid", log=str(log)) == os.getpid()
     assert f"set {worker.DIR_ENV} to a shorter directory" in log.read_text()
-
-
-def test_a_worker_without_gpus_keeps_the_memory_it_frees(workflow):
-    from lorastudy.worker import CPU_MALLOC_TUNABLES
-
-    workdir, env = workflow
-    env.pop("GLIBC_TUNABLES", None)
-    snakemake(workdir, {**env, "CUDA_VISIBLE_DEVICES": ""}, "tunables.txt")
-    assert (workdir / "tunables.txt").read_text().strip() == CPU_MALLOC_TUNABLES
-    # A user's own setting wins.
-    snakemake(workdir, {**env, "CUDA_VISIBLE_DEVICES": "", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "--forcerun", "tunables", "tunables.txt")
-    assert (workdir / "tunables.txt").read_text().strip() == "glibc.malloc.arena_max=2"

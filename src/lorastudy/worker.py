@@ -54,14 +54,6 @@ from lorastudy.logs import logging_to
 IDLE_SECONDS = 30.0
 START_SECONDS = 120.0
 DIR_ENV = "LORASTUDY_WORKERS_DIR"
-# glibc's malloc gives every thread an arena of its own, and a block too large
-# for one (XLA's buffers of a training step, up to GBs) is mapped for it alone
-# and unmapped when freed, so a CPU step faults every page of its buffers in
-# afresh: 7.1M page faults and 28 s of system time in a 48-record finetune of
-# the 270M on a 2-core CPU. One arena that keeps what it frees reuses them
-# (benchmarks/cpu_malloc.py). Set for a worker without GPUs, unless the
-# environment sets GLIBC_TUNABLES itself.
-CPU_MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 SLOTS = 1000  # workers of one run and GPU count at most
 SOCKET_PATH_BYTES = 107  # Linux's sun_path: 108 bytes with the closing NUL
 # What a worker's imports and devices depend on: a job whose values differ gets another worker.
@@ -196,14 +188,13 @@ def _start(path: Path, leader: int, gpus: int) -> tuple[Connection, int]:
     if gpus > 0:
         _stop_idle(leader)  # they may hold the very GPUs this job needs
     # A short poll: the GPUs are this run's own idle workers' until they have exited.
-    env = {**os.environ} if gpus > 0 else {"GLIBC_TUNABLES": CPU_MALLOC_TUNABLES, **os.environ}
     with claimed_gpus(gpus, poll_seconds=0.1), open(os.devnull) as devnull:
         # The worker inherits the slot locks' descriptors, so the GPUs stay claimed while it lives.
         slots = held_slot_fds()
         process = subprocess.Popen(
             [sys.executable, "-m", "lorastudy.worker", str(path), str(leader), *map(str, slots)],
             stdin=devnull, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=slots, start_new_session=True, env=env,
+            pass_fds=slots, start_new_session=True,
         )
     started = time.monotonic()
     # The socket file appears when the worker binds it, a moment before it listens: until then a connection is refused.
