@@ -15,7 +15,8 @@ process's peak resident memory: memory kept for reuse must not pile up.
 It did: with one arena for every thread, as CPU workers ran until this
 benchmark said otherwise, the threads compiling ahead (lorastudy.ahead) and
 the steps shared one heap that never shrank, 21 GB in the main job's
-finetune job on this 24 GB machine, for 3-5% of its wall time. An arena per
+finetune job on this 24 GB machine, for 3-5% of this benchmark's wall time
+(about a quarter of the main job's step time: docs/performance.md). An arena per
 thread cannot keep the steps' buffers: they are allocated off the main
 thread, and glibc maps a block too large for such an arena whatever the
 tunables say.

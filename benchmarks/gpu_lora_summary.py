@@ -42,14 +42,14 @@ def summarize(args) -> None:
                    ours_mfu=ours.get("mfu"), ours_peak_gib=(ours.get("peak_bytes") or 0) / 2**30,
                    peft_tokens_per_s=(peft or {}).get("tokens_per_s"), peft_step_ms=(peft or {}).get("step_ms"),
                    peft_peak_gib=((peft or {}).get("peak_bytes") or 0) / 2**30, peft_fits=(peft or {}).get("fits"))
-        fits = row["ours_tokens_per_s"] and row["peft_tokens_per_s"]
-        row["ratio"] = row["ours_tokens_per_s"] / row["peft_tokens_per_s"] if fits else None
+        both_ran = row["ours_tokens_per_s"] and row["peft_tokens_per_s"]
+        row["ratio"] = row["ours_tokens_per_s"] / row["peft_tokens_per_s"] if both_ran else None
         table.append(row)
-        peft_cell = f"{row['peft_tokens_per_s']:,.0f}" if row["peft_tokens_per_s"] else "out of memory"
         ours_cells = (f"{row['ours_tokens_per_s']:,.0f} | {100 * row['ours_mfu']:.1f}% | {row['ours_peak_gib']:.1f}"
                       if row["ours_tokens_per_s"] else "out of memory | - | -")
-        lines.append(f"| {row['model']} | {row['rank']} | {row['seq']} x {row['batch']} | {ours_cells} | {peft_cell} | "
-                     + (f"{row['peft_peak_gib']:.1f} | {row['ratio']:.2f}x |" if row["ratio"] else "- | - |"))
+        peft_cells = (f"{row['peft_tokens_per_s']:,.0f} | {row['peft_peak_gib']:.1f}" if row["peft_tokens_per_s"] else "out of memory | -")
+        ratio_cell = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+        lines.append(f"| {row['model']} | {row['rank']} | {row['seq']} x {row['batch']} | {ours_cells} | {peft_cells} | {ratio_cell} |")
     write_csv(out / "gpu_lora_train.csv", table)
     lines += ["", "| model | new tokens at batch | ours new tokens/s | PEFT new tokens/s | ours / PEFT | ours peak GiB |", "|---|---|---|---|---|---|"]
     table = []
