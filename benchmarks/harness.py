@@ -122,14 +122,17 @@ def read_records(paths: list[str]) -> list[dict]:
 
 
 def repeated_driver_arguments(doc: str, shared: Callable[[argparse.ArgumentParser], None],
-                              own: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+                              own: Callable[[argparse.ArgumentParser], None],
+                              driver: Callable[[argparse.ArgumentParser], None] = lambda p: None) -> argparse.Namespace:
     """The command line of a driver that repeats its measurements: `run` (all of them, `--repeats` times) and
-    `worker` (one, its `--repeat`) take the arguments `shared` adds, `worker` also those `own` adds; and `summarize`."""
+    `worker` (one, its `--repeat`) take the arguments `shared` adds, `worker` also those `own` adds and `run`
+    those `driver` adds; and `summarize`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "worker"):
         shared(sub.add_parser(name))
     sub.choices["run"].add_argument("--repeats", type=int, default=2)
+    driver(sub.choices["run"])
     own(sub.choices["worker"])
     sub.choices["worker"].add_argument("--repeat", type=int, required=True)
     add_summarize(sub)

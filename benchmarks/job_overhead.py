@@ -85,7 +85,7 @@ def logits_worker(args) -> None:
     import lorastudy.loss
 
     if args.chunk_values:
-        lorastudy.loss.LOGIT_VALUES_PER_CHUNK = args.chunk_values
+        lorastudy.loss.LOGIT_VALUES_PER_CHUNK[jax.default_backend()] = args.chunk_values
     dtype, lora_policy = dtype_policies("auto", training=True)
     if args.preset:
         causal_lm = load_causal_lm(args.preset, dtype=dtype)
@@ -122,7 +122,7 @@ def logits_worker(args) -> None:
     import resource
 
     weighted = float(np.mean([w.sum() / w.size for _, _, w in batches]))
-    chunk = lorastudy.loss.LOGIT_VALUES_PER_CHUNK if args.variant == "response" else None
+    chunk = lorastudy.loss.logit_values_per_chunk() if args.variant == "response" else None
     emit(out, phase="logits", variant=args.variant, chunk_values=chunk, model=model_name, vocabulary=vocab, rank=args.rank, width=args.width,
          batch=args.batch, loss_share=weighted, steps=args.steps, step_ms=1000 * statistics.median(times),
          step_ms_all=[1000 * x for x in times], first_losses=losses[:3], device=device(), backend=jax.default_backend(),

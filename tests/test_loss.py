@@ -48,12 +48,21 @@ def test_loss_accuracy_and_gradient_equal_full_logits(seed, soft_cap):
 def test_many_chunks_and_weights_other_than_one(monkeypatch):
     import lorastudy.loss
 
-    monkeypatch.setattr(lorastudy.loss, "LOGIT_VALUES_PER_CHUNK", 2**12)
+    monkeypatch.setitem(lorastudy.loss.LOGIT_VALUES_PER_CHUNK, jax.default_backend(), 2**12)
     hidden, embeddings, targets, weights = _data(2, batch=4, width=300, vocab=500)
     weights = weights * jnp.asarray(np.random.default_rng(0).uniform(0.5, 2, weights.shape), jnp.float32)
     assert 5 * chunk_rows(embeddings.shape[0], 1200) < int(weights.astype(bool).sum())
     np.testing.assert_allclose(_ours(hidden, embeddings, targets, weights, None)[0],
                                _full_logits(hidden, embeddings, targets, weights, None)[0], rtol=1e-5)
+
+
+def test_chunk_rows_are_the_backends_share_of_logit_values():
+    import lorastudy.loss
+
+    vocab, values = 262144, lorastudy.loss.LOGIT_VALUES_PER_CHUNK
+    assert chunk_rows(vocab, 10**6, "cpu") == values["cpu"] // vocab < chunk_rows(vocab, 10**6, "gpu") == values["gpu"] // vocab
+    assert chunk_rows(vocab, 10**6, "tpu") == chunk_rows(vocab, 10**6, "gpu")
+    assert chunk_rows(vocab, 21, "gpu") == 24 and chunk_rows(10**9, 10**6, "cpu") == 8
 
 
 def test_positions_without_loss_never_reach_the_loss_or_its_gradient():

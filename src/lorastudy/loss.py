@@ -38,15 +38,25 @@ import keras
 from lorastudy.backbones import decoder_blocks, hidden_states, output_embedding, output_matrix
 from lorastudy.internals import wrap_attention_mask
 
-# Rows of logits computed at once: about 128M float32 values (512 rows of a
-# 256k vocabulary). Measured on an H100 with Gemma 2B at 256 x 4 and 256 x 8:
-# 36 and 58 ms a step, against 46 and 58 with half as many and 41 and 58
-# with twice as many (benchmarks/results/job_overhead.json).
-LOGIT_VALUES_PER_CHUNK = 2**27
+# Logit values (rows x vocabulary) computed at once, per backend. GPU: about
+# 128M float32 values (512 rows of a 256k vocabulary); measured on an H100
+# with Gemma 2B at 256 x 4 and 256 x 8: 36 and 58 ms a step, against 46 and
+# 58 with half as many and 41 and 58 with twice as many
+# (benchmarks/results/job_overhead.json). CPU: 16M (64 rows); the main
+# job's grouped finetune on 2 cores peaked at 6.3 GB against 8.2 with the
+# GPU's chunk, in 0.89-0.98x the time; 4M cut the page faults by two thirds
+# but took as long, 1M was slower (benchmarks/results/cpu_malloc.csv).
+LOGIT_VALUES_PER_CHUNK = {"gpu": 2**27, "cpu": 2**24}
 
 
-def chunk_rows(vocabulary_size: int, positions: int) -> int:
-    rows = max(8, LOGIT_VALUES_PER_CHUNK // vocabulary_size)
+def logit_values_per_chunk(backend: str | None = None) -> int:
+    """The backend's logit values per chunk (JAX's default backend unless named; a GPU's for one not listed)."""
+    return LOGIT_VALUES_PER_CHUNK.get(backend or jax.default_backend(), LOGIT_VALUES_PER_CHUNK["gpu"])
+
+
+def chunk_rows(vocabulary_size: int, positions: int, backend: str | None = None) -> int:
+    """Rows of logits per chunk: the backend's values' worth, at most the positions rounded up to 8."""
+    rows = max(8, logit_values_per_chunk(backend) // vocabulary_size)
     return min(rows, max(8, -(-positions // 8) * 8))
 
 
