@@ -62,10 +62,15 @@ def jax_peak() -> int | None:
 
 
 def software() -> dict[str, str]:
-    """The versions of what a benchmark ran on ("absent" for what this machine lacks)."""
+    """The versions of what a benchmark ran on ("absent" for what this machine lacks), and the CPU's model and cores.
+
+    CPU timings are the CPU's: this project's 2-core machines have been an
+    Intel Xeon (docs/performance.md's first figures) and, on other days, an
+    AMD EPYC, at speeds far apart."""
+    import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {}
+    found = {"cpu": f"{cpu_model() or platform.processor() or 'unknown'} x {os.cpu_count()}"}
     for package in ("jax", "jaxlib", "keras", "keras-hub", "snakemake", "torch", "transformers", "peft", "trl", "datasets"):
         try:
             found[package] = version(package)
@@ -73,6 +78,15 @@ def software() -> dict[str, str]:
             found[package] = "absent"
     return found
 
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name as Linux reports it (None where /proc/cpuinfo does not say)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def run_worker(module: str, arguments: list[str], out: Path, timeout: float | None = None, **env) -> tuple[subprocess.CompletedProcess, float]:
