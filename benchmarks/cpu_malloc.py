@@ -2,7 +2,9 @@
 
     python -m benchmarks.cpu_malloc run --preset results/models/gemma3_270m_q4km/preset \\
         --train results/data/train_250.jsonl --val results/data/val.jsonl --out DIR [--records 96 --repeats 2]
-    python -m benchmarks.cpu_malloc run ... --mallocs "glibc default" --chunks 134217728 16777216 4194304
+    python -m benchmarks.cpu_malloc run --preset results/models/gemma3_270m_q4km/preset \\
+        --train results/data/train_250.jsonl --val results/data/val.jsonl --out DIR \\
+        --mallocs "glibc default" --chunks 134217728 16777216 4194304 1048576
     python -m benchmarks.cpu_malloc summarize --results DIR/results.jsonl
 
 Each measurement is the main job's finetune job in a process of its own
