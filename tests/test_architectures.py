@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 from test_export import random_adapter, transformers_logits
+from test_generate import whole_pass_answers
 from test_loss import assert_packed_rows_score_each_record_alone
 
 from lorastudy.backbones import hidden_states, is_nested, sizes, unused_layers
@@ -105,7 +106,7 @@ def test_packed_records_attend_only_to_themselves(preset):
     assert_packed_rows_score_each_record_alone(preset[1])
 
 
-def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_data, tmp_path):
+def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_data, tmp_path, monkeypatch):
     architecture, path = preset
     adapters = [tmp_path / f"adapter_epoch{e}.lora.h5" for e in (1, 2)]
     finetune(path, tiny_data["train"], tiny_data["val"], adapters, tmp_path / "history.csv", tmp_path / "train.json",
@@ -119,6 +120,11 @@ def test_lora_trains_on_chat_turns_saves_every_epoch_and_answers(preset, tiny_da
              adapters=adapters, rank=4, settings={"batch_size": 4, "max_new_tokens": 8, "pad_multiple": 16})
     rows = read_jsonl(outs[1])
     assert len(rows) == len(read_jsonl(tiny_data["test"]))
+    # The first pass over the prompts only answers as KerasHub's over the whole width (lorastudy.prefill).
+    whole = whole_pass_answers(monkeypatch, path, tiny_data["test"], [tmp_path / "whole.jsonl"], [tmp_path / "whole.json"],
+                               template_for("chat", architecture), adapters=adapters[1:], rank=4,
+                               settings={"batch_size": 4, "max_new_tokens": 8, "pad_multiple": 16})
+    assert whole == [r["prediction"] for r in rows]
     start, _ = chat_turns(architecture)
     assert rows[0]["prompt"].startswith(f"{start}user\n") and rows[0]["prompt"].endswith(f"{start}model\n")
 

@@ -50,6 +50,32 @@ def test_batching_does_not_change_greedy_answers(base_run, tiny_preset, tiny_dat
     assert answers == [r["prediction"] for r in read_jsonl(out / "g.jsonl")]
 
 
+def whole_pass_answers(monkeypatch, *args, **kwargs) -> list[str]:
+    """`generate`'s answers with KerasHub's own cache-seeding pass, over the whole width."""
+    from contextlib import nullcontext
+
+    from lorastudy import generate as generate_module
+
+    with monkeypatch.context() as m:
+        m.setattr(generate_module, "prefill_prompts_only", lambda causal_lm, new_tokens: nullcontext())
+        generate(*args, **kwargs)
+    return [r["prediction"] for r in read_jsonl(args[2][0])]
+
+
+def test_the_first_pass_covers_the_prompts_only_and_answers_as_the_whole_one(base_run, tiny_preset, tiny_data, tmp_path, monkeypatch):
+    from lorastudy import prefill
+
+    widths, widen = [], prefill._widen
+    monkeypatch.setattr(prefill, "_widen", lambda x, width: widths.append((x.shape[1], width)) or widen(x, width))
+    answers = whole_pass_answers(monkeypatch, tiny_preset, tiny_data["test"], [tmp_path / "w.jsonl"], [tmp_path / "w.json"],
+                                 DEFAULT_TEMPLATE, settings=SETTINGS)
+    assert widths == []
+    assert answers == [r["prediction"] for r in read_jsonl(base_run[0] / "g.jsonl")]
+    generate(tiny_preset, tiny_data["test"], [tmp_path / "p.jsonl"], [tmp_path / "p.json"], DEFAULT_TEMPLATE, settings=SETTINGS)
+    # Every traced width (a multiple of 16) seeds its first 12 fewer positions; the logits' and the hidden states' pads.
+    assert widths and all(width % 16 == 0 and region == width - 12 for region, width in widths)
+
+
 def test_top_k_is_seeded(tiny_preset, tiny_data, tmp_path):
     def top_k(seed, name):
         generate(tiny_preset, tiny_data["test"], [tmp_path / f"{name}.jsonl"], [tmp_path / f"{name}.json"], DEFAULT_TEMPLATE,
@@ -91,8 +117,8 @@ def test_one_job_over_every_epoch_answers_as_separate_jobs_would(tiny_preset, ti
         assert s["steady_new_tokens_per_second"] >= s["new_tokens_per_second"] > 0
 
 
-def test_batching_does_not_change_greedy_answers_with_an_adapter_either(tiny_preset, tiny_data, tiny_adapters, tmp_path):
-    """All 8 prompts in one batch (what "auto" gives on a GPU), 16 (auto on a CPU), and 3."""
+def test_batching_does_not_change_greedy_answers_with_an_adapter_either(tiny_preset, tiny_data, tiny_adapters, tmp_path, monkeypatch):
+    """All 8 prompts in one batch (what "auto" gives on a GPU), 16 (auto on a CPU), and 3; nor does the first pass's width."""
     answers = {}
     for batch in (8, 16, 3, "auto"):
         out = tmp_path / f"b{batch}.jsonl"
@@ -101,6 +127,9 @@ def test_batching_does_not_change_greedy_answers_with_an_adapter_either(tiny_pre
         answers[batch] = [r["prediction"] for r in read_jsonl(out)]
         assert stats["batch_size"] == (8 if batch == "auto" else batch)
     assert answers[8] == answers[16] == answers[3] == answers["auto"]
+    whole = whole_pass_answers(monkeypatch, tiny_preset, tiny_data["test"], [tmp_path / "w.jsonl"], [tmp_path / "s.json"],
+                               DEFAULT_TEMPLATE, adapters=tiny_adapters[-1:], settings=SETTINGS)
+    assert whole == answers[3]
 
 
 def test_auto_batch_takes_every_prompt_when_it_fits_else_equal_batches():

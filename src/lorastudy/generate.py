@@ -30,6 +30,7 @@ from lorastudy.compilation import CompileClock, Spent, use_compilation_cache
 from lorastudy.distribution import distributed, shard_batch
 from lorastudy.io import read_jsonl, write_json, write_jsonl
 from lorastudy.lora import AdapterError, LoraSpec, enable_lora, load_padded_adapter, lora_layers, read_spec, set_factors
+from lorastudy.prefill import prefill_prompts_only
 from lorastudy.presets import attention_heads, dtype_policies, load_causal_lm, quantize_base
 from lorastudy.prompts import PromptTemplate
 from lorastudy.tokens import token_lists
@@ -113,6 +114,7 @@ class Generator:
         # tokens are prepared here, as in training, and `CausalLM.generate`
         # would only wrap pre- and post-processing around this same function.
         self.generate_function = causal_lm.make_generate_function()
+        self.causal_lm = causal_lm
         # A seeded sampler's state advances as it draws; each call starts it
         # afresh, so that answers do not depend on what was generated before.
         self.sampler_variables = causal_lm.sampler.variables
@@ -157,7 +159,9 @@ class Generator:
             token_ids[r, : len(ids)] = ids
             padding_mask[r, : len(ids)] = True
         inputs = shard_batch({"token_ids": token_ids, "padding_mask": padding_mask}, self.distribution)
-        output = self.generate_function(inputs, stop_token_ids=self.stop_token_ids)
+        # Traced (at a new width) within: its cache-seeding pass skips the new tokens' positions.
+        with prefill_prompts_only(self.causal_lm, self.settings.max_new_tokens):
+            output = self.generate_function(inputs, stop_token_ids=self.stop_token_ids)
         generated = np.asarray(output["token_ids"])
         results = []
         for r, ids in enumerate(rows):
