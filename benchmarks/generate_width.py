@@ -10,14 +10,16 @@ its width (the longest prompt and the new tokens, rounded up to
 batch, and a larger batch, with its wider spread of prompt lengths, pays
 more steps per row. Before the loop, one pass seeds the cache: over the
 prompts only (`--prefills prompts`, `lorastudy.prefill`, this version's) or
-over the whole width (`whole`, KerasHub's own pass). Each measurement answers the test prompts once
-(`lorastudy.generate.generate`, the evaluation job's own function, at the
-main job's new tokens), in a process of its own, the batch sizes and
-multiples taken in turn and repeated: with the base model alone, or with
-`--adapter` (one of the main job's) on LoRA variables, as the evaluation
-job answers for every run. It records the decode steps the batches take,
-the positions the first pass covers, the compile and steady seconds, the steady milliseconds a row's decode step
-costs, and whether the answers equal those of the first measurement.
+over the whole width (`whole`, KerasHub's own pass). Each measurement
+answers the test prompts once (`lorastudy.generate.generate`, the
+evaluation job's own function, at the main job's new tokens), in a process
+of its own, the batch sizes, multiples and first passes taken in turn and
+repeated: with the base model alone, or with `--adapter` (one of the main
+job's) on LoRA variables, as the evaluation job answers for every run. It
+records the decode steps the batches take, the positions the first pass
+covers, the compile and steady seconds, the steady milliseconds a row's
+decode step costs, and whether the answers equal those of the first
+measurement.
 """
 
 from __future__ import annotations
