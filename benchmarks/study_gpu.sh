@@ -23,7 +23,7 @@ case $step in
     old=$(realpath "$old")
     # A step is VERSION_CACHE (mini grid) or VERSION_CACHE_paper9 / _paper6 / _paper3: the paper's
     # 1k cell with three seeds (9 runs), two (6 runs) or one (3 runs); _paper5k / _paper15k: the
-    # 5k or 15k cell with three seeds; _paper2b: the whole Gemma 2B half (all three cells, three
+    # 5k or 15k cell with three seeds; _paper5k1: the 5k cell with one seed; _paper2b: the whole Gemma 2B half (all three cells, three
     # seeds) in one run; each over config/paper.yaml and paper_2b_shape.yaml.
     for one in ${STEPS:-new_cold new_warm old_cold old_warm}; do
       IFS=_ read -r version warmth grid <<< "$one"
@@ -33,10 +33,11 @@ case $step in
       printf 'compilation_cache: {dir: %s}\n' "$cache" > $scratch/cache_$version.yaml
       case $grid in
         "") configs=("$checkout/benchmarks/configs/gpu_2b_shape.yaml") ;;
-        paper9|paper6|paper3|paper5k|paper15k|paper2b) layer=$PWD/benchmarks/configs/paper_1k_three_seeds.yaml
+        paper9|paper6|paper3|paper5k|paper5k1|paper15k|paper2b) layer=$PWD/benchmarks/configs/paper_1k_three_seeds.yaml
           [ "$grid" = paper6 ] && layer=$PWD/benchmarks/configs/paper_1k_two_seeds.yaml
           [ "$grid" = paper3 ] && layer=$PWD/benchmarks/configs/paper_1k_one_seed.yaml
           [ "$grid" = paper5k ] && layer=$PWD/benchmarks/configs/paper_5k_three_seeds.yaml
+          [ "$grid" = paper5k1 ] && layer=$PWD/benchmarks/configs/paper_5k_one_seed.yaml
           [ "$grid" = paper15k ] && layer=$PWD/benchmarks/configs/paper_15k_three_seeds.yaml
           [ "$grid" = paper2b ] && layer=$PWD/benchmarks/configs/paper_2b_three_seeds.yaml
           configs=("$checkout/config/paper.yaml" "$checkout/benchmarks/configs/paper_2b_shape.yaml" "$layer") ;;
