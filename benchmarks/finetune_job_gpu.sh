@@ -14,7 +14,8 @@ results=$scratch/finetune_job_results
 work=$scratch/finetune_job
 mkdir -p "$out" "$results"
 case $step in
-  start) setsid nohup bash "$0" sequence "${options[@]}" > $scratch/finetune_job.out 2>&1 < /dev/null & sleep 20 ;;
+  # A sequence left from an earlier call would end the next `wait` at once.
+  start) rm -f $scratch/finetune_job.done; setsid nohup bash "$0" sequence "${options[@]}" > $scratch/finetune_job.out 2>&1 < /dev/null & sleep 20 ;;
   sequence)
     . benchmarks/device_setup.sh
     [ -d $scratch/site18 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $scratch/site18 "$trl_wheels"/*.whl

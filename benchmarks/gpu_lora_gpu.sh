@@ -9,7 +9,8 @@ step=$1; shift
 . benchmarks/launcher_options.sh
 run=$scratch/gpu_lora_out
 case $step in
-  start) setsid nohup bash "$0" sequence "${options[@]}" > $scratch/gpu_lora.out 2>&1 < /dev/null & sleep 20 ;;
+  # A sequence left from an earlier call would end the next `wait` at once.
+  start) rm -f $scratch/gpu_lora.done; setsid nohup bash "$0" sequence "${options[@]}" > $scratch/gpu_lora.out 2>&1 < /dev/null & sleep 20 ;;
   sequence)
     . benchmarks/device_setup.sh
     export PYTHONPATH=$site:$PWD/src:$PWD

@@ -10,7 +10,8 @@ step=$1; shift
 out=${OUT:-$scratch/quantized_gpu_out}
 mkdir -p "$out"
 case $step in
-  start) setsid nohup bash "$0" sequence "${options[@]}" > $scratch/quantized_gpu.out 2>&1 < /dev/null & sleep 20 ;;
+  # A sequence left from an earlier call would end the next `wait` at once.
+  start) rm -f $scratch/quantized_gpu.done; setsid nohup bash "$0" sequence "${options[@]}" > $scratch/quantized_gpu.out 2>&1 < /dev/null & sleep 20 ;;
   sequence)
     . benchmarks/device_setup.sh
     export PYTHONPATH=$site:$PWD/src:$PWD

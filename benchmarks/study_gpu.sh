@@ -17,7 +17,8 @@ out=${OUT:-$scratch/study_out}
 results=$scratch/study_results
 mkdir -p "$out" "$results"
 case $step in
-  start) setsid nohup bash "$0" sequence "${options[@]}" > $scratch/study.out 2>&1 < /dev/null & sleep 5 ;;
+  # A sequence left from an earlier call would end the next `wait` at once.
+  start) rm -f $scratch/study.done; setsid nohup bash "$0" sequence "${options[@]}" > $scratch/study.out 2>&1 < /dev/null & sleep 5 ;;
   sequence)
     . benchmarks/device_setup.sh
     old=$(realpath "$old")
