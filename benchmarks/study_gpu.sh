@@ -24,8 +24,9 @@ case $step in
     old=$(realpath "$old")
     # A step is VERSION_CACHE (mini grid) or VERSION_CACHE_paper9 / _paper6 / _paper3: the paper's
     # 1k cell with three seeds (9 runs), two (6 runs) or one (3 runs); _paper5k / _paper15k: the
-    # 5k or 15k cell with three seeds; _paper5k1: the 5k cell with one seed; _paper2b: the whole Gemma 2B half (all three cells, three
-    # seeds) in one run; each over config/paper.yaml and paper_2b_shape.yaml.
+    # 5k or 15k cell with three seeds; _paper5k1: the 5k cell with one seed; _paper2b: the whole
+    # Gemma 2B half (all three cells, three seeds) in one run; each over config/paper.yaml and
+    # paper_2b_shape.yaml.
     for one in ${STEPS:-new_cold new_warm old_cold old_warm}; do
       IFS=_ read -r version warmth grid <<< "$one"
       cache=$scratch/jax_cache_$version
